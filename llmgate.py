@@ -843,19 +843,16 @@ class Ledger:
                         "You have sent %d requests in the last minute, your "
                         "limit; retry in %d s." % (user.rpm, ceil_s(wait)),
                         ceil_s(wait))
-            if acct.used >= user.tokens or (
-                    acct.used + estimate > user.tokens and acct.in_flight == 0):
+            # usage only grows until the reset: what cannot fit now
+            # beside the usage alone cannot fit before the reset
+            if acct.used >= user.tokens or acct.used + estimate > user.tokens:
                 raise Refusal("quota_exceeded", quota_message(
                     user, acct, estimate, reset, now), ceil_s(reset - now))
             if acct.used + acct.reserved + estimate > user.tokens:
-                if acct.used + estimate <= user.tokens:
-                    raise Refusal(
-                        "quota_busy",
-                        "Your other requests in flight hold the rest of "
-                        "your token quota; retry in a moment.",
-                        BUSY_RETRY_AFTER_S)
-                raise Refusal("quota_exceeded", quota_message(
-                    user, acct, estimate, reset, now), ceil_s(reset - now))
+                raise Refusal(
+                    "quota_busy",
+                    "Your other requests in flight hold the rest of your "
+                    "token quota; retry in a moment.", BUSY_RETRY_AFTER_S)
             acct.reserved += estimate
             acct.in_flight += 1
             if user.rpm is not None:

@@ -45,7 +45,8 @@ RESPONSES_USAGE = {"input_tokens": 20, "output_tokens": 9, "total_tokens": 29,
 EMBEDDINGS_USAGE = {"prompt_tokens": 5, "total_tokens": 5}
 COMPLETIONS_USAGE = {"prompt_tokens": 3, "completion_tokens": 4,
                      "total_tokens": 7}
-ANTHROPIC_START_USAGE = {"input_tokens": 30, "cache_creation_input_tokens": 100,
+ANTHROPIC_START_USAGE = {"input_tokens": 30,
+                         "cache_creation_input_tokens": 100,
                          "cache_read_input_tokens": 200, "output_tokens": 1}
 ANTHROPIC_OUTPUT = 12
 ANTHROPIC_TOTAL = 30 + 100 + 200 + 12
