@@ -2573,6 +2573,8 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         http.server.ThreadingHTTPServer.shutdown_request(self, request)
 
     def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):
+            return   # a client that reset its connection: nothing to fix
         log("error: connection from %s failed:\n%s" % (
             client_address[0], traceback.format_exc().rstrip()))
 
