@@ -2063,12 +2063,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         gateway = self.server.gateway
         config = gateway.config
         target = self.path
+        path, _, query = target.partition("?")
+        # the route decides the shape of every refusal, so it comes first
+        route = config.match(path) if target.startswith("/") else None
+        if route is not None:
+            self.family = route[2]
         framing = self._body_length()
         # a body left unread makes the connection unusable: see _refuse
         self.body_pending = framing is not None
-        path, _, query = target.partition("?")
-        if path.startswith("/v1/messages"):
-            self.family = "anthropic"
         if not target.startswith("/"):
             raise Refusal("invalid_path", "The request target must be a path "
                           "(origin-form), not an absolute URL.", close=True)
@@ -2085,12 +2087,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == USAGE_PATH:
             self.close_connection |= self.body_pending
             return self._usage(config, query)
-        route = config.match(path)
         if route is None:
             raise Refusal("not_found", "No route for %s; llmgate serves /v1/"
                           "..., provider prefixes and %s."
                           % (clean_field(path), USAGE_PATH))
-        self.family = route[2]
         self._proxy(config, route, query, framing)
 
     def _authenticate(self, config):
@@ -2145,7 +2145,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         provider, upstream_path, family = route
         user = self._authenticate(config)
         self.quota_user = user
-        if "upgrade" in self.h:
+        # an h2c offer may be ignored (RFC 9110 section 7.8); a websocket
+        # cannot, and Codex falls back to plain HTTP on a 426
+        if "websocket" in self.h.get("upgrade", "").lower():
             raise Refusal("websocket_unsupported", "llmgate does not relay "
                           "websockets; use plain HTTP (SSE) instead.")
         limit = config.max_body_bytes
@@ -2493,11 +2495,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     break
                 if decoder:
                     data = decoder.decompress(data, MAX_DECODED_BYTES)
-                out = [e for e in splitter.feed(data) if meter.event(e)]
+                out = []
+                for event in splitter.feed(data):
+                    if meter.event(event):
+                        out.append(event)
+                    if meter.error_event:
+                        break   # an error event ends the stream
                 if out:
                     self._write(frame(b"".join(out)))
                 if meter.error_event:
-                    outcome = "error"   # an error event ends the stream
+                    outcome = "error"
                     break
         except socket.timeout:
             broken = "The provider sent nothing for %d s." % \
