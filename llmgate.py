@@ -1590,6 +1590,10 @@ def stream_error_event(kind, message):
 
 # Disconnect watcher ##########################################################
 
+WATCH_EVENTS = getattr(select, "EPOLLRDHUP", 0) | getattr(
+    select, "EPOLLONESHOT", 0)
+
+
 class DisconnectWatcher:
     """One thread that notices clients hanging up while their request waits
     on the provider, so the provider connection is closed at once and no
@@ -1605,7 +1609,7 @@ class DisconnectWatcher:
         if hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP"):
             self.epoll = select.epoll()
         self.lock = threading.Lock()
-        self.callbacks = {}
+        self.callbacks = {}   # fd -> (client socket, callback)
         self.running = self.epoll is not None
         if self.running:
             threading.Thread(target=self._run, name="disconnect-watcher",
@@ -1616,14 +1620,14 @@ class DisconnectWatcher:
             return
         fd = sock.fileno()
         with self.lock:
-            self.callbacks[fd] = callback
+            self.callbacks[fd] = (sock, callback)
             try:
-                self.epoll.register(
-                    fd, select.EPOLLRDHUP | select.EPOLLONESHOT)
+                self.epoll.register(fd, WATCH_EVENTS)
             except OSError:
                 self.callbacks.pop(fd, None)
 
     def unwatch(self, sock):
+        """Stop watching; safe to call twice.  Call before closing."""
         if not self.running:
             return
         try:
@@ -1631,7 +1635,9 @@ class DisconnectWatcher:
         except OSError:
             return
         with self.lock:
-            if self.callbacks.pop(fd, None) is not None:
+            entry = self.callbacks.get(fd)
+            if entry is not None and entry[0] is sock:
+                del self.callbacks[fd]
                 try:
                     self.epoll.unregister(fd)
                 except OSError:
@@ -1644,15 +1650,39 @@ class DisconnectWatcher:
             except OSError:
                 continue
             for fd, _ in events:
-                with self.lock:
-                    callback = self.callbacks.pop(fd, None)
-                    if callback is not None:
-                        try:
-                            self.epoll.unregister(fd)
-                        except OSError:
-                            pass
+                callback = self._confirm(fd)
                 if callback is not None:
                     callback()
+
+    def _confirm(self, fd):
+        """The callback to run if the connection now registered on `fd`
+        really was closed by its client, else None.  An event can be
+        stale: collected for a connection that has since closed, its fd
+        already reused by the next one; so the current owner's socket is
+        peeked at, without blocking and without consuming anything."""
+        with self.lock:
+            entry = self.callbacks.get(fd)
+            if entry is None:
+                return None
+            sock, callback = entry
+            try:
+                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                try:   # alive and quiet: the event was stale; re-arm
+                    self.epoll.modify(fd, WATCH_EVENTS)
+                except OSError:
+                    pass
+                return None
+            except OSError:
+                data = b""          # reset: gone
+            del self.callbacks[fd]
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+            # bytes waiting mean a pipelined request, not a hang-up: stop
+            # watching, a real hang-up shows at the next write
+            return callback if not data else None
 
     def close(self):
         self.running = False
@@ -1685,10 +1715,13 @@ class Exchange:
         self.client_gone = False
 
     def hang_up(self):
-        """Watcher callback: the client left; stop the provider at once."""
+        """Watcher callback: the client left; stop the provider at once.
+        Once detached, a hang-up is the next write's business."""
         with self.lock:
+            if self.detached:
+                return
             self.client_gone = True
-            if not self.detached and self.upstream_sock is not None:
+            if self.upstream_sock is not None:
                 try:
                     self.upstream_sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -1798,7 +1831,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             deadline = time.monotonic() + HEADER_TIMEOUT_S
             while True:
                 end = buf.find(b"\r\n\r\n")
-                if end >= 0:
+                if end >= 0 and end <= MAX_HEADER_BYTES:
                     break
                 if len(buf) > MAX_HEADER_BYTES:
                     self.t0 = time.monotonic()
@@ -2255,7 +2288,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if ex.client_gone:
                     raise ClientGone()
                 raise UpstreamError("upstream_timeout", "The provider did "
-                                    "not answer within %d s."
+                                    "not answer within %g s."
                                     % ex.provider.timeout)
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
@@ -2325,6 +2358,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             out.append((name, value))
         return out + self._quota_headers()
 
+    def _upstream_done(self, ex):
+        """The provider's answer was read to its end: disarm the watcher
+        before the last bytes go out, so a client that closes right after
+        reading them cannot shut a reusable provider connection."""
+        self.server.gateway.watcher.unwatch(self.connection)
+        ex.detach()
+
     def _settle(self, ex, outcome):
         """Charge the request once and wait for the state file to hold the
         charge.  `outcome` is "done" (answer complete), "error" (the
@@ -2365,6 +2405,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "gateway's provider key; tell the gateway's admin.")
         content_type = (resp.getheader("content-type") or "").lower()
         if self.command == "HEAD" or status in (204, 304):
+            self._upstream_done(ex)
             self._settle(ex, "error" if status >= 400 else "done")
             headers = self._response_headers(resp)
             length = resp.getheader("content-length")
@@ -2405,6 +2446,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "its answer.")
         if not ended:
             return self._pass_through(ex, resp, parts, billable, encoding)
+        self._upstream_done(ex)
         body = b"".join(parts)
         if billable:
             text = inflate(body, encoding)
@@ -2457,6 +2499,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     % ex.provider.name)
             self._settle(ex, "aborted")
             return False
+        self._upstream_done(ex)
         if billable and decoder is not False:
             ex.meter.tail(tail)
         if not billable and ex.generation and not ex.meter.reported():
@@ -2507,12 +2550,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     outcome = "error"
                     break
         except socket.timeout:
-            broken = "The provider sent nothing for %d s." % \
+            broken = "The provider sent nothing for %g s." % \
                 ex.provider.timeout
         except (OSError, http.client.HTTPException, zlib.error):
             broken = "The provider broke off the stream."
         if ex.client_gone:
             raise ClientGone()
+        if broken is None:
+            self._upstream_done(ex)
         if broken is None and not meter.error_event:
             rest = splitter.flush()
             if rest:
@@ -2768,6 +2813,21 @@ def serve(args):
         return 0
     raise_fd_limit()
     gateway = Gateway(config)
+
+    # handlers first: a signal that comes while the server starts must
+    # still stop it cleanly
+    stop = threading.Event()
+
+    def on_stop(signum, frame):
+        stop.set()
+
+    def on_hup(signum, frame):
+        gateway.reload_wanted.set()
+
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)
     try:
         host, port = gateway.start(args.host, args.port)
     except ConfigError as exc:
@@ -2785,19 +2845,6 @@ def serve(args):
            ", ".join("%s=%s" % (p.name, p.type) for p in config.providers),
            len(config.users), "; state file %s" % config.state_path
            if config.state_path else ""))
-
-    stop = threading.Event()
-
-    def on_stop(signum, frame):
-        stop.set()
-
-    def on_hup(signum, frame):
-        gateway.reload_wanted.set()
-
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGTERM, on_stop)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_hup)
     while not stop.wait(3600):
         pass
     log("stopping: waiting up to %d s for requests in flight"

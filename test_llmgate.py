@@ -136,6 +136,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def send_chunk(self, data):
+        if not data:
+            return   # an empty chunk would end the body
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
