@@ -158,6 +158,7 @@ ENV_RE = re.compile(r"\$\{([^}]*)\}")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 DEPLOYMENT_RE = re.compile(r"^/openai/deployments/([^/]+)/")
+JSON_START_RE = re.compile(rb"\s*\{")
 MULTIPART_MODEL_RE = re.compile(
     rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
 
@@ -740,8 +741,10 @@ def load_config(path, environ=None):
     return config
 
 
-def config_warnings(config):
-    """What an admin should fix, as sentences."""
+def config_warnings(config, host=None):
+    """What an admin should fix, as sentences; `host` is the address
+    really listened on when the command line overrides the config."""
+    host = config.host if host is None else host
     out = []
     plain = [u.name for u in config.users if u.plaintext_keys]
     if plain:
@@ -756,11 +759,10 @@ def config_warnings(config):
                            "chmod 600 it" % (config.path, mode & 0o777))
         except OSError:
             pass
-    if config.host not in ("127.0.0.1", "localhost", "::1") \
-            and not config.host.startswith("127."):
+    if host not in ("localhost", "::1") and not host.startswith("127."):
         out.append("listening on %s without TLS: keys cross the network in "
                    "clear; listen on 127.0.0.1 or put a TLS proxy in front"
-                   % config.host)
+                   % host)
     return out
 
 
@@ -1709,6 +1711,8 @@ class Exchange:
         self.estimate_in = 0
         self.reservation = None
         self.sent = False
+        self.conn = self.resp = None   # the provider connection, until
+        #                                handed back to its pool
         self.lock = threading.Lock()
         self.upstream_sock = None
         self.detached = False
@@ -1774,9 +1778,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command = self.path = None
         self.quota_user = None    # whose quota headers the answer carries
         self.body_pending = False
+        gateway = self.server.gateway
         try:
             if not self._read_head():
                 return
+        except ClientGone:
+            return
+        except Refusal as exc:
+            self._refuse(exc)
+            self._log_request()
+            return
+        # in flight from its head on: shutdown waits for uploads too
+        gateway.enter()
+        try:
             self.served += 1
             self.close_connection = not self.keep_alive
             self._dispatch()
@@ -1794,8 +1808,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._refuse(Refusal("internal_error",
                                      "The gateway failed; the error is in "
                                      "its log.", close=True))
-        if self.t0 is not None:
+        finally:
             self._log_request()
+            gateway.leave()
 
     def _recv(self, deadline):
         """Receive into `inbuf` until `deadline`; False at end of stream."""
@@ -2196,8 +2211,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         content_type = self.h.get("content-type", "").lower()
         doc = None
-        if body and ("json" in content_type or
-                     (not content_type and body[:1] == b"{")):
+        # providers read JSON whatever the label says (vLLM, Ollama), so
+        # limits must too: anything that looks like a JSON object is one
+        if body and ("json" in content_type or JSON_START_RE.match(body)):
             try:
                 doc = json.loads(body)
             except (ValueError, UnicodeDecodeError, RecursionError):
@@ -2215,6 +2231,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               % clean_field(upstream_path))
             provider, upstream_path = found
         self._check_model(user, model)
+        if user.models is not None and model is None and body \
+                and is_generation(upstream_path):
+            raise Refusal("model_not_allowed", "Your key is limited to some "
+                          "models, and llmgate cannot tell which model this "
+                          "request is for; send JSON with a \"model\".")
 
         ex = Exchange(user, family, provider, upstream_path)
         if doc is not None:
@@ -2228,11 +2249,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 body = json.dumps(doc, ensure_ascii=False).encode("utf-8")
         ex.estimate_in, amount = estimate(doc, upstream_path, config)
         ex.reservation = gateway.ledger.admit(user, amount)
-        gateway.enter()
         try:
             self._exchange(ex, query, body)
         finally:
-            gateway.leave()
             if not ex.reservation.settled:
                 # every path that got an answer settles itself; this is a
                 # client gone or a failure mid-way: bill what was seen
@@ -2312,26 +2331,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         target = provider.base_path + ex.path + ("?" + query if query else "")
         headers = self._upstream_headers(provider, body)
         gateway.watcher.watch(self.connection, ex.hang_up)
-        conn = resp = None
-        reusable = False
         try:
             try:
-                conn, resp = self._send_upstream(ex, target, headers, body)
+                ex.conn, ex.resp = self._send_upstream(ex, target, headers,
+                                                       body)
             except UpstreamError as exc:
                 log("warning: provider %s: %s" % (provider.name, exc))
                 gateway.ledger.settle(ex.reservation, 0)
                 raise Refusal(exc.code, str(exc))
-            reusable = self._relay(ex, resp)
+            self._relay(ex, ex.resp)
         finally:
             gateway.watcher.unwatch(self.connection)
-            if conn is not None:
-                if ex.detach() and reusable and not resp.will_close \
-                        and resp.isclosed() and conn.sock is not None:
-                    provider.pool.release(conn)
-                else:
-                    if resp is not None:
-                        resp.close()
-                    conn.close()
+            ex.detach()
+            if ex.conn is not None:   # not handed back: not reusable
+                ex.resp.close()
+                ex.conn.close()
 
     def _quota_headers(self):
         """X-LLMGate-* headers: the user's limit, what remains and when the
@@ -2359,11 +2373,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return out + self._quota_headers()
 
     def _upstream_done(self, ex):
-        """The provider's answer was read to its end: disarm the watcher
-        before the last bytes go out, so a client that closes right after
-        reading them cannot shut a reusable provider connection."""
+        """The provider is done with this request: disarm the watcher and,
+        when the answer was read to its end on a connection that stays
+        open, hand the connection back to its pool.  Both happen before
+        the last bytes go to the client, so a client that closes at once
+        cannot shut the connection, and its next request finds it."""
         self.server.gateway.watcher.unwatch(self.connection)
-        ex.detach()
+        conn, resp = ex.conn, ex.resp
+        if ex.detach() and resp.isclosed() and not resp.will_close \
+                and conn.sock is not None:
+            ex.conn = None
+            ex.provider.pool.release(conn)
 
     def _settle(self, ex, outcome):
         """Charge the request once and wait for the state file to hold the
@@ -2392,8 +2412,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ledger.wait_saved(version)
 
     def _relay(self, ex, resp):
-        """Send the provider's answer on.  Returns True when the provider
-        connection was read to its end and may be reused."""
+        """Send the provider's answer on, bill it, and hand the provider
+        connection back (`_upstream_done`) when it was read to its end."""
         status = resp.status
         if status == 401 and ex.provider.api_key:
             # the client's key was ours and fine: the provider refused the
@@ -2405,6 +2425,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "gateway's provider key; tell the gateway's admin.")
         content_type = (resp.getheader("content-type") or "").lower()
         if self.command == "HEAD" or status in (204, 304):
+            resp.read()   # no body: this closes the response at once
             self._upstream_done(ex)
             self._settle(ex, "error" if status >= 400 else "done")
             headers = self._response_headers(resp)
@@ -2412,7 +2433,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.command == "HEAD" and length is not None:
                 headers.append(("Content-Length", length))
             self._write(self._head(status, headers))
-            return True
+            return
         if "text/event-stream" in content_type:
             return self._relay_events(ex, resp)
         return self._relay_body(ex, resp)
@@ -2458,7 +2479,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = self._response_headers(resp)
         headers.append(("Content-Length", str(len(body))))
         self._write(self._head(resp.status, headers) + body)
-        return True
+        return
 
     def _pass_through(self, ex, resp, parts, billable, encoding,
                       drop=()):
@@ -2498,7 +2519,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 log("warning: provider %s broke off an answer"
                     % ex.provider.name)
             self._settle(ex, "aborted")
-            return False
+            return
         self._upstream_done(ex)
         if billable and decoder is not False:
             ex.meter.tail(tail)
@@ -2508,7 +2529,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._settle(ex, "error" if resp.status >= 400 else "done")
         if chunked:
             self._write(b"0\r\n\r\n")
-        return True
+        return
 
     def _relay_events(self, ex, resp):
         """A server-sent event stream: each whole event is metered and
@@ -2569,7 +2590,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._settle(ex, outcome)
         if chunked:
             self._write(b"0\r\n\r\n")
-        return broken is None and not meter.error_event
 
 
 def chunk(data):
@@ -2808,7 +2828,7 @@ def serve(args):
         print("routes:")
         for line in config.routes():
             print("  " + line)
-        for warning in config_warnings(config):
+        for warning in config_warnings(config, args.host):
             print("warning: " + warning)
         return 0
     raise_fd_limit()
@@ -2838,7 +2858,7 @@ def serve(args):
             args.host or config.host, config.port if args.port is None
             else args.port, exc.strerror), file=sys.stderr)
         return 2
-    for warning in config_warnings(config):
+    for warning in config_warnings(config, host):
         log("warning: " + warning)
     log("llmgate %s listening on http://%s:%d (providers: %s; %d users%s)"
         % (__version__, host if ":" not in host else "[%s]" % host, port,
