@@ -2389,7 +2389,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Charge the request once and wait for the state file to hold the
         charge.  `outcome` is "done" (answer complete), "error" (the
         provider refused, or sent an error event) or "aborted" (client
-        gone, stream broken).  See README "Billing"."""
+        gone, stream broken).  See README "Billing".  Settles once: later
+        calls do nothing."""
+        if ex.reservation.settled:
+            return
         meter = ex.meter
         tokens_in, tokens_out = meter.tokens()
         if ex.free:
@@ -2469,25 +2472,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._pass_through(ex, resp, parts, billable, encoding)
         self._upstream_done(ex)
         body = b"".join(parts)
-        if billable:
-            text = inflate(body, encoding)
-            if text is not None:
-                ex.meter.answer(text)
+        text = inflate(body, encoding) if billable else None
+        if text is not None:
+            ex.meter.answer(text)
         if ex.generation:
             ex.meter.output_chars = len(body)
+        if text is None and billable and ex.generation:
+            self._settle(ex, "aborted")   # XXX: an encoding zlib cannot read
         self._settle(ex, "error" if resp.status >= 400 else "done")
         headers = self._response_headers(resp)
         headers.append(("Content-Length", str(len(body))))
         self._write(self._head(resp.status, headers) + body)
         return
 
-    def _pass_through(self, ex, resp, parts, billable, encoding,
-                      drop=()):
+    def _pass_through(self, ex, resp, parts, billable, encoding):
         """Pass an answer on as it comes, after `parts` already read; keep
         its tail to read usage from when `billable`.  Without a
         Content-Length it goes out chunked (HTTP/1.1) or close-delimited
         (HTTP/1.0)."""
-        headers = self._response_headers(resp, drop)
+        headers = self._response_headers(resp)
         chunked = False
         if resp.length is not None:
             headers.append(("Content-Length", str(
@@ -2521,15 +2524,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._settle(ex, "aborted")
             return
         self._upstream_done(ex)
-        if billable and decoder is not False:
+        if decoder is not False:
             ex.meter.tail(tail)
-        if not billable and ex.generation and not ex.meter.reported():
-            self._settle(ex, "aborted")  # unreadable: estimate it
-        else:
-            self._settle(ex, "error" if resp.status >= 400 else "done")
+        elif ex.generation:
+            # XXX: not JSON, or an encoding zlib cannot read: the usage
+            # is out of reach, so this is billed like a hung-up client
+            self._settle(ex, "aborted")
+        self._settle(ex, "error" if resp.status >= 400 else "done")
         if chunked:
             self._write(b"0\r\n\r\n")
-        return
 
     def _relay_events(self, ex, resp):
         """A server-sent event stream: each whole event is metered and
@@ -2537,7 +2540,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         provider breaks off ends with an error event of the client's API
         and a proper last chunk."""
         decoder = decoder_for(resp.getheader("content-encoding"))
-        if decoder is False:  # XXX: an encoding zlib cannot read: estimate
+        if decoder is False:   # unreadable: passed on as it is, estimated
             return self._pass_through(ex, resp, [], False, None)
         drop = ("content-encoding",) if decoder else ()
         headers = self._response_headers(resp, drop)
