@@ -90,9 +90,11 @@ MAX_HEADER_COUNT = 100              # header lines per request; more gets 431
 MAX_CHUNK_LINE_BYTES = 4096         # one chunk-size line of a chunked body
 MAX_BODY_BYTES = 64 * 1024 * 1024   # default body cap: images, audio uploads
 HEADER_TIMEOUT_S = 10.0        # first byte to end of headers: stops dribblers
-KEEPALIVE_TIMEOUT_S = 75.0     # idle wait for the next request on a connection
+CLIENT_IDLE_TIMEOUT_S = 60.0   # a client silent between requests, or not
+#                                reading its answer, is dropped
 BODY_TIMEOUT_S = 300.0         # whole request body, once authenticated
-CLIENT_SEND_TIMEOUT_S = 60.0   # a client that stops reading is dropped
+TIMEOUT_SLACK_S = 1.0          # a wait may overrun its deadline this much
+#                                rather than pay a syscall to shorten it
 CONNECT_TIMEOUT_S = 10.0       # TCP and TLS set-up with a provider
 PROVIDER_TIMEOUT_S = 600.0     # default wait for each provider read
 MAX_CONNECTIONS = 4096         # client connections at once; more are closed
@@ -1762,6 +1764,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         http.server.BaseHTTPRequestHandler.setup(self)
         self.inbuf = bytearray()
         self.served = 0
+        self.sock_timeout = None
+        self.exchange = None   # the request now waiting on a provider
+        # watched once per connection, not per request: two syscalls less
+        self.server.gateway.watcher.watch(self.connection, self._hung_up)
+
+    def finish(self):
+        self.server.gateway.watcher.unwatch(self.connection)
+        http.server.BaseHTTPRequestHandler.finish(self)
+
+    def _hung_up(self):
+        """Watcher callback: the client closed its connection."""
+        ex = self.exchange
+        if ex is not None:
+            ex.hang_up()
+
+    def _set_timeout(self, seconds):
+        """Give the client socket this timeout; every change is a syscall,
+        so it is made only when the value differs."""
+        if seconds != self.sock_timeout:
+            self.connection.settimeout(seconds)
+            self.sock_timeout = seconds
 
     # reading requests
 
@@ -1817,7 +1840,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         left = deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout()
-        self.connection.settimeout(left)
+        if self.sock_timeout is None or left + TIMEOUT_SLACK_S < \
+                self.sock_timeout:
+            self._set_timeout(left)
         try:
             data = self.connection.recv(RECV_BYTES)
         except socket.timeout:
@@ -1837,7 +1862,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             del buf[:2]
         try:
             if not buf:
-                wait = KEEPALIVE_TIMEOUT_S if self.served else \
+                wait = CLIENT_IDLE_TIMEOUT_S if self.served else \
                     HEADER_TIMEOUT_S
                 if not self._recv(time.monotonic() + wait):
                     return False
@@ -2035,7 +2060,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _write(self, data):
         """Send bytes to the client or raise ClientGone."""
         try:
-            self.connection.settimeout(CLIENT_SEND_TIMEOUT_S)
+            self._set_timeout(CLIENT_IDLE_TIMEOUT_S)
             self.connection.sendall(data)
         except OSError:
             raise ClientGone()
@@ -2330,7 +2355,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         provider = ex.provider
         target = provider.base_path + ex.path + ("?" + query if query else "")
         headers = self._upstream_headers(provider, body)
-        gateway.watcher.watch(self.connection, ex.hang_up)
+        self.exchange = ex
         try:
             try:
                 ex.conn, ex.resp = self._send_upstream(ex, target, headers,
@@ -2341,7 +2366,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise Refusal(exc.code, str(exc))
             self._relay(ex, ex.resp)
         finally:
-            gateway.watcher.unwatch(self.connection)
+            self.exchange = None
             ex.detach()
             if ex.conn is not None:   # not handed back: not reusable
                 ex.resp.close()
@@ -2373,12 +2398,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return out + self._quota_headers()
 
     def _upstream_done(self, ex):
-        """The provider is done with this request: disarm the watcher and,
+        """The provider is done with this request: detach the watcher and,
         when the answer was read to its end on a connection that stays
         open, hand the connection back to its pool.  Both happen before
         the last bytes go to the client, so a client that closes at once
         cannot shut the connection, and its next request finds it."""
-        self.server.gateway.watcher.unwatch(self.connection)
+        self.exchange = None
         conn, resp = ex.conn, ex.resp
         if ex.detach() and resp.isclosed() and not resp.will_close \
                 and conn.sock is not None:
