@@ -101,6 +101,7 @@ MAX_CONNECTIONS = 4096         # client connections at once; more are closed
 LISTEN_BACKLOG = 1024          # accept queue, for bursts of new streams
 POOL_IDLE_MAX = 64             # idle provider connections kept per provider
 POOL_IDLE_TIMEOUT_S = 30.0     # idle provider connections older are closed
+POOL_FRESH_S = 1.0             # younger idle ones are reused unchecked
 RECV_BYTES = 65536             # one socket read
 HOLD_BODY_BYTES = 8 * 1024 * 1024   # plain answers up to this are billed
 #                                     before they are sent, whole
@@ -1315,7 +1316,10 @@ class ConnectionPool:
                 if not self.idle:
                     break
                 conn, since = self.idle.pop()
-            if now - since < POOL_IDLE_TIMEOUT_S and conn.sock is not None:
+            idle = now - since
+            if idle < POOL_IDLE_TIMEOUT_S and conn.sock is not None:
+                if idle < POOL_FRESH_S:
+                    return conn, True   # a stale one is retried anyway
                 try:
                     readable = select.select([conn.sock], [], [], 0)[0]
                 except (OSError, ValueError):
@@ -2183,8 +2187,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "api-key.")
         digest = key_digest(key)
         user = config.by_digest.get(digest)
-        if user is None or not any(hmac.compare_digest(digest, d)
-                                   for _, d in user.digests):
+        confirmed = False
+        for _, known in (user.digests if user is not None else ()):
+            confirmed |= hmac.compare_digest(digest, known)
+        if not confirmed:
             raise Refusal("invalid_api_key", "The API key is not valid for "
                           "this gateway.")
         self.log_user = user.name
@@ -2288,8 +2294,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "%s through this gateway." % clean_field(model))
 
     def _upstream_headers(self, provider, body):
-        listed = set(t.strip().lower() for t in
-                     self.h.get("connection", "").split(","))
+        listed = connection_tokens(self.h.get("connection"))
         headers = []
         for name, value in self.header_list:
             key = name.lower()
@@ -2386,10 +2391,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _response_headers(self, resp, drop=()):
         """The provider's answer headers less hop-by-hop ones, those that
         name the shared account, and `drop`; plus the quota headers."""
-        listed = set(t.strip().lower() for t in
-                     (resp.getheader("connection") or "").split(","))
+        listed = connection_tokens(resp.headers.get("connection"))
         out = []
-        for name, value in resp.getheaders():
+        for name, value in resp.headers.pairs:
             key = name.lower()
             if key in HOP_BY_HOP or key in RESPONSE_DROPPED or key in listed \
                     or key in drop:
@@ -2451,13 +2455,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._settle(ex, "error")
             raise Refusal("upstream_auth_failed", "The provider refused the "
                           "gateway's provider key; tell the gateway's admin.")
-        content_type = (resp.getheader("content-type") or "").lower()
+        content_type = resp.headers.get("content-type", "").lower()
         if self.command == "HEAD" or status in (204, 304):
             resp.read()   # no body: this closes the response at once
             self._upstream_done(ex)
             self._settle(ex, "error" if status >= 400 else "done")
             headers = self._response_headers(resp)
-            length = resp.getheader("content-length")
+            length = resp.headers.get("content-length")
             if self.command == "HEAD" and length is not None:
                 headers.append(("Content-Length", length))
             self._write(self._head(status, headers))
@@ -2471,8 +2475,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         then sent with a Content-Length, so the charge is saved before the
         client has the answer; a larger one is passed on as it comes and
         billed from its tail."""
-        encoding = resp.getheader("content-encoding")
-        billable = "json" in (resp.getheader("content-type") or "").lower()
+        encoding = resp.headers.get("content-encoding")
+        billable = "json" in resp.headers.get("content-type", "").lower()
         parts, size = [], 0
         ended = False
         try:
@@ -2564,7 +2568,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         written to the client at once, as one chunk.  A stream the
         provider breaks off ends with an error event of the client's API
         and a proper last chunk."""
-        decoder = decoder_for(resp.getheader("content-encoding"))
+        decoder = decoder_for(resp.headers.get("content-encoding"))
         if decoder is False:   # unreadable: passed on as it is, estimated
             return self._pass_through(ex, resp, [], False, None)
         drop = ("content-encoding",) if decoder else ()
@@ -2618,6 +2622,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._settle(ex, outcome)
         if chunked:
             self._write(b"0\r\n\r\n")
+
+
+def connection_tokens(value):
+    """The header names a Connection header lists, lower-cased (RFC 9110
+    section 7.6.1): hop-by-hop too, never forwarded."""
+    if not value:
+        return ()
+    return set(t.strip().lower() for t in value.split(","))
 
 
 def chunk(data):
