@@ -1181,6 +1181,16 @@ def request_model(doc, body, content_type, path):
     return urllib.parse.unquote(match.group(1)) if match else None
 
 
+def encode_json(doc):
+    """A rewritten request body: UTF-8 as clients send it, or ASCII
+    escapes when the text holds a lone surrogate ("\\ud800" is valid
+    JSON but not encodable UTF-8)."""
+    try:
+        return json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(doc).encode("ascii")
+
+
 def has_dot_segment(path):
     """True for a path with . or .. segments, plain or percent-encoded
     (also behind an encoded slash or backslash)."""
@@ -2277,7 +2287,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if ask_for_usage(doc, upstream_path):
                 ex.meter.hide_usage_chunk = changed = True
             if changed:
-                body = json.dumps(doc, ensure_ascii=False).encode("utf-8")
+                body = encode_json(doc)
         ex.estimate_in, amount = estimate(doc, upstream_path, config)
         ex.reservation = gateway.ledger.admit(user, amount)
         try:

@@ -1015,6 +1015,20 @@ class CoreTest(GatewayTest):
         self.assertEqual(chunks[-1]["usage"], CHAT_USAGE)
         self.assertEqual(self.usage(), 18)
 
+    def test_rewritten_body_keeps_a_lone_surrogate(self):
+        # "\ud800" is valid JSON but cannot be encoded as UTF-8: the body
+        # the gateway rewrites (stream_options) must still go out
+        raw = (b'{"model": "gpt-4o", "stream": true, "messages": '
+               b'[{"role": "user", "content": "a\\ud800b \xc3\xa9"}]}')
+        reply = call(self.port, "POST", "/v1/chat/completions", raw,
+                     headers={"Content-Type": "application/json"})
+        self.assertEqual(reply.status, 200)
+        sent = self.fake.last().json()
+        self.assertEqual(sent["messages"][0]["content"],
+                         "a\ud800b \u00e9")
+        self.assertEqual(sent["stream_options"], {"include_usage": True})
+        self.assertEqual(self.usage(), 18)
+
     def test_missing_and_unknown_keys_get_401(self):
         reply = call(self.port, "POST", "/v1/chat/completions", CHAT, key=None)
         self.assertEqual(reply.status, 401)
