@@ -1169,11 +1169,12 @@ def ask_for_usage(doc, path):
 
 def request_model(doc, body, content_type, path):
     """The model a request names: the JSON `model`, a multipart `model`
-    field, or an Azure deployment in the path."""
+    field, or else an Azure deployment in the path."""
     if doc is not None:
         model = doc.get("model")
-        return model if isinstance(model, str) else None
-    if content_type.startswith("multipart/form-data"):
+        if isinstance(model, str):
+            return model
+    elif content_type.startswith("multipart/form-data"):
         match = MULTIPART_MODEL_RE.search(body[:1024 * 1024])
         if match:
             return match.group(1).decode("utf-8", "replace").strip()
@@ -2501,10 +2502,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         break
                     parts.append(data)
                     size += len(data)
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException) as exc:
             if ex.client_gone:
                 raise ClientGone()
             self._settle(ex, "aborted")
+            if isinstance(exc, socket.timeout):
+                raise Refusal("upstream_timeout", "The provider stopped "
+                              "sending its answer for %g s."
+                              % ex.provider.timeout)
             raise Refusal("upstream_unreachable", "The provider broke off "
                           "its answer.")
         if not ended:

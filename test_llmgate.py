@@ -207,6 +207,8 @@ class FakeProvider:
       hold           an Event to wait on before answering (a slow provider)
       hold_after     (n, Event): send n events, wait for the Event
       status         (code, doc): answer with this error instead
+      stall_body     an Event: send a plain answer's head and part of its
+                     body, then wait for the Event
       headers        answer 200 JSON with these extra response headers
       done           an Event set once an answer was given (or failed)
       error_after    send this many Anthropic events, then an error event
@@ -290,6 +292,17 @@ class FakeProvider:
         if "status" in mode:
             code, doc = mode["status"]
             return h.send_json(code, doc)
+        if "stall_body" in mode:
+            # the head and half the body of a plain answer, then silence
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", "100")
+            h.end_headers()
+            h.wfile.write(b'{"usage": ')
+            h.wfile.flush()
+            mode["stall_body"].wait(TIMEOUT)
+            h.close_connection = True
+            return
         if "headers" in mode:
             return h.send_json(200, {"ok": True}, headers=mode["headers"])
         path = rec.path.split("?", 1)[0]
@@ -1796,6 +1809,23 @@ class RefusalTest(GatewayTest):
         release.set()
         self.assertTrue(answered.wait(TIMEOUT))   # the fake is done
 
+    def test_provider_stalling_mid_answer_504(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        doc = self.config()
+        doc["providers"]["openai"]["timeout"] = 0.3
+        self.restart(doc)
+        self.fake.mode = {"stall_body": release}
+        reply = call(self.port, "POST", "/v1/chat/completions", CHAT)
+        self.assertEqual(reply.status, 504)
+        self.assert_error(reply.json(), "upstream_timeout", "api_error")
+        self.assertIn("0.3 s", reply.json()["error"]["message"])
+        # no usage was reported: the input estimate of the request
+        self.assertEqual(self.usage(), llmgate.estimate(
+            CHAT, "/v1/chat/completions", self.gateway.config)[0])
+        self.assertEqual(self.reserved(), 0)
+        self.assert_clean_logs()
+
     def test_chunked_request_body_is_forwarded_with_length(self):
         parts = [b'{"model": "gpt-4o", ', b'"messages": [{"role": "user", ',
                  b'"content": "hi"}]}']
@@ -2784,6 +2814,20 @@ class AzureTest(GatewayTest):
         self.assert_upstream_key(rec, "api-key", PROVIDER_KEY)
         self.assertEqual(rec.values("anthropic-version"), [])
         self.assertEqual(self.usage(), CHAT_TOTAL)
+
+    def test_deployment_names_the_model_when_the_body_does_not(self):
+        doc = self.config()
+        doc["users"][0]["models"] = ["gpt-4o*"]
+        doc["users"][1]["models"] = ["claude-*"]
+        self.restart(doc)
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        reply = self.azure("/azure" + AZURE_DEPLOYMENT, body)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertIn("model=gpt-4o-prod ", self.wait_log_lines(1)[0])
+        reply = self.azure("/azure" + AZURE_DEPLOYMENT, body, key=BOB_KEY)
+        self.assertEqual(reply.status, 403)
+        self.assertEqual(reply.json()["error"]["code"], "model_not_allowed")
+        self.assertEqual(self.fake.count(), 1)
 
     def test_v1_path(self):
         reply = self.azure("/azure/openai/v1/chat/completions?x=1")
