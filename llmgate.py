@@ -88,6 +88,8 @@ MAX_REQUEST_LINE_BYTES = 16 * 1024  # longer request targets get 414
 MAX_HEADER_BYTES = 64 * 1024        # the whole header block; more gets 431
 MAX_HEADER_COUNT = 100              # header lines per request; more gets 431
 MAX_CHUNK_LINE_BYTES = 4096         # one chunk-size line of a chunked body
+MAX_BODY_CHUNKS = 1 << 17           # pieces of one chunked body: parsing
+#                                     each costs, whatever its size
 MAX_BODY_BYTES = 64 * 1024 * 1024   # default body cap: images, audio uploads
 HEADER_TIMEOUT_S = 10.0        # first byte to end of headers: stops dribblers
 CLIENT_IDLE_TIMEOUT_S = 60.0   # a client silent between requests, or not
@@ -142,6 +144,14 @@ RESPONSE_DROPPED = frozenset((
     "content-length", "set-cookie", "openai-organization",
     "openai-project"))
 
+# methods forwarded; TRACE would echo the provider key back, CONNECT
+# would make a tunnel
+ALLOWED_METHODS = frozenset((
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# only these create work a provider charges for; a GET that retrieves a
+# stored response repeats its usage, which was charged when it was made
+WRITE_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
 # the last path segment of the APIs that generate text and cost output
 GENERATION_SUFFIXES = ("/chat/completions", "/completions", "/responses",
                        "/messages", "/embeddings")
@@ -162,6 +172,10 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 DEPLOYMENT_RE = re.compile(r"^/openai/deployments/([^/]+)/")
 JSON_START_RE = re.compile(rb"\s*\{")
+MULTI_SLASH_RE = re.compile(r"/{2,}")
+DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+# a chunk-size line: hex size, optional extensions, no bare CR or LF
+CHUNK_LINE_RE = re.compile(rb"^[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?$")
 MULTIPART_MODEL_RE = re.compile(
     rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
 
@@ -570,7 +584,7 @@ def parse_provider(name, raw, where):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("%s.url must be an http:// or https:// URL with a "
                           "host, not %r" % (where, url))
-    if parts.query or parts.fragment or parts.username:
+    if parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError("%s.url must not carry a query, fragment or "
                           "credentials" % where)
     try:
@@ -1092,13 +1106,15 @@ def tokens_for_chars(chars):
 
 
 def output_cap(doc):
-    """The output limit a request asks for, or None."""
+    """The output limit a request asks for, or None.  When it names
+    several, the largest: which one a provider reads varies."""
+    cap = None
     for field in OUTPUT_FIELDS:
         value = doc.get(field)
         if isinstance(value, int) and not isinstance(value, bool) \
-                and value >= 0:
-            return value
-    return None
+                and value >= 0 and (cap is None or value > cap):
+            cap = value
+    return cap
 
 
 def estimate(doc, path, config):
@@ -1192,6 +1208,15 @@ def encode_json(doc):
         return json.dumps(doc).encode("ascii")
 
 
+def api_path(path):
+    """A path as a provider's router sees it, for deciding what a request
+    is (a generation, a stream to meter, a free count): percent-escapes
+    decoded, repeated and trailing slashes dropped.  The path forwarded
+    stays the client's."""
+    path = MULTI_SLASH_RE.sub("/", urllib.parse.unquote(path))
+    return path.rstrip("/") or "/"
+
+
 def has_dot_segment(path):
     """True for a path with . or .. segments, plain or percent-encoded
     (also behind an encoded slash or backslash)."""
@@ -1264,8 +1289,11 @@ class UpstreamResponse(http.client.HTTPResponse):
         while True:
             version, status, reason = self._read_status()
             pairs = read_header_lines(self.fp)
-            if status != http.client.CONTINUE:
-                break
+            if status == http.client.SWITCHING_PROTOCOLS:
+                raise http.client.HTTPException("the provider switched "
+                                                "protocols")
+            if not 100 <= status < 200:
+                break   # 100 Continue, 103 Early Hints: not the answer
         self.code = self.status = status
         self.reason = reason.strip()
         self.version = 10 if version in ("HTTP/1.0", "HTTP/0.9") else 11
@@ -1625,7 +1653,8 @@ class DisconnectWatcher:
 
     def __init__(self):
         self.epoll = None
-        if hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP"):
+        if hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP") \
+                and hasattr(select, "POLLRDHUP"):
             self.epoll = select.epoll()
         self.lock = threading.Lock()
         self.callbacks = {}   # fd -> (client socket, callback)
@@ -1675,33 +1704,30 @@ class DisconnectWatcher:
 
     def _confirm(self, fd):
         """The callback to run if the connection now registered on `fd`
-        really was closed by its client, else None.  An event can be
-        stale: collected for a connection that has since closed, its fd
-        already reused by the next one; so the current owner's socket is
-        peeked at, without blocking and without consuming anything."""
+        really was shut by its client, else None.  An event can be stale:
+        collected for a connection that has since closed, its fd already
+        reused by the next one.  So the current owner is asked again,
+        without waiting, whether its peer has shut its side (POLLRDHUP
+        tells that apart from bytes merely waiting to be read)."""
         with self.lock:
             entry = self.callbacks.get(fd)
             if entry is None:
                 return None
             sock, callback = entry
-            try:
-                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                try:   # alive and quiet: the event was stale; re-arm
+            probe = select.poll()
+            probe.register(sock, select.POLLRDHUP)
+            if not probe.poll(0):
+                try:   # alive: the event was stale; watch again
                     self.epoll.modify(fd, WATCH_EVENTS)
                 except OSError:
                     pass
                 return None
-            except OSError:
-                data = b""          # reset: gone
             del self.callbacks[fd]
             try:
                 self.epoll.unregister(fd)
             except OSError:
                 pass
-            # bytes waiting mean a pipelined request, not a hang-up: stop
-            # watching, a real hang-up shows at the next write
-            return callback if not data else None
+            return callback
 
     def close(self):
         self.running = False
@@ -1711,19 +1737,21 @@ class Exchange:
     """What the handler knows of one proxied request, shared with the
     disconnect watcher under `lock`."""
 
-    def __init__(self, user, family, provider, path):
+    def __init__(self, user, family, provider, path, method):
         self.user = user
         self.family = family
         self.provider = provider
-        self.path = path
+        self.path = path               # as forwarded
+        kind = api_path(path)          # what it is
         if family == "anthropic":
             self.kind = "anthropic"
-        elif path.endswith("/responses"):
+        elif kind.endswith("/responses"):
             self.kind = "responses"
         else:
             self.kind = "chat"
-        self.generation = is_generation(path)
-        self.free = path.endswith(FREE_SUFFIXES)
+        self.generation = is_generation(kind)
+        self.free = kind.endswith(FREE_SUFFIXES) or \
+            method not in WRITE_METHODS
         self.meter = Meter()
         self.estimate_in = 0
         self.reservation = None
@@ -1781,6 +1809,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.served = 0
         self.sock_timeout = None
         self.exchange = None   # the request now waiting on a provider
+        self.client_closed = False   # the watcher saw the client shut
         # watched once per connection, not per request: two syscalls less
         self.server.gateway.watcher.watch(self.connection, self._hung_up)
 
@@ -1789,7 +1818,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         http.server.BaseHTTPRequestHandler.finish(self)
 
     def _hung_up(self):
-        """Watcher callback: the client closed its connection."""
+        """Watcher callback: the client shut its connection.  Remembered,
+        so a request whose body was still being read is not forwarded."""
+        self.client_closed = True
         ex = self.exchange
         if ex is not None:
             ex.hang_up()
@@ -1852,18 +1883,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _recv(self, deadline):
         """Receive into `inbuf` until `deadline`; False at end of stream."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout()
-        if self.sock_timeout is None or left + TIMEOUT_SLACK_S < \
-                self.sock_timeout:
-            self._set_timeout(left)
-        try:
-            data = self.connection.recv(RECV_BYTES)
-        except socket.timeout:
-            raise
-        except OSError:
-            raise ClientGone()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            if self.sock_timeout is None or left + TIMEOUT_SLACK_S < \
+                    self.sock_timeout:
+                self._set_timeout(left)
+            try:
+                data = self.connection.recv(RECV_BYTES)
+                break
+            except socket.timeout:
+                continue   # the socket's timeout, not yet the deadline
+            except OSError:
+                raise ClientGone()
         if not data:
             return False
         self.inbuf += data
@@ -1986,7 +2019,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               "chunked is accepted.", close=True)
             return "chunked", None
         if cl is not None:
-            if not cl.isdigit() or len(cl) > 18:
+            if not DIGITS_RE.match(cl):
                 raise Refusal("bad_framing", "Content-Length is not a "
                               "number.", close=True)
             n = int(cl)
@@ -2020,55 +2053,67 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "arrive within %d s." % BODY_TIMEOUT_S, close=True)
 
     def _read_chunked(self, deadline, limit):
+        """A chunked request body (RFC 9112 section 7.1), read strictly: a
+        bare CR or LF in a size or trailer line is refused, since lenient
+        parsing is what request smuggling behind a proxy feeds on."""
         buf = self.inbuf
-        parts = []
-        total = 0
-        while True:
+        body = bytearray()
+        pos = 0
+        chunks = 0
+
+        def line():
+            nonlocal pos
             while True:
-                end = buf.find(b"\r\n")
+                end = buf.find(b"\r\n", pos)
                 if end >= 0:
-                    break
-                if len(buf) > MAX_CHUNK_LINE_BYTES:
-                    raise Refusal("bad_framing", "A chunk-size line is too "
-                                  "long.", close=True)
+                    text = bytes(buf[pos:end])
+                    pos = end + 2
+                    return text
+                if len(buf) - pos > MAX_HEADER_BYTES:
+                    raise Refusal("headers_too_large", "A chunk line or "
+                                  "trailer is too large.", close=True)
+                del buf[:pos]
+                pos = 0
                 if not self._recv(deadline):
                     raise ClientGone()
-            size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
-            del buf[:end + 2]
-            try:
-                if not re.match(rb"^[0-9A-Fa-f]{1,15}$", size_text):
-                    raise ValueError
-                size = int(size_text, 16)
-            except ValueError:
-                raise Refusal("bad_framing", "A chunk size is not hex.",
-                              close=True)
+
+        while True:
+            size_line = line()
+            if len(size_line) > MAX_CHUNK_LINE_BYTES or \
+                    not CHUNK_LINE_RE.match(size_line):
+                raise Refusal("bad_framing", "A chunk-size line is "
+                              "malformed.", close=True)
+            size = int(size_line.split(b";", 1)[0], 16)
             if size == 0:
                 break
-            total += size
-            if total > limit:
+            chunks += 1
+            if chunks > MAX_BODY_CHUNKS:
+                raise Refusal("bad_framing", "The body comes in more than "
+                              "%d chunks." % MAX_BODY_CHUNKS, close=True)
+            if len(body) + size > limit:
                 raise Refusal("body_too_large", "The request body is larger "
                               "than %d bytes." % limit, close=True)
-            while len(buf) < size + 2:
+            while len(buf) - pos < size + 2:
+                del buf[:pos]
+                pos = 0
                 if not self._recv(deadline):
                     raise ClientGone()
-            if buf[size:size + 2] != b"\r\n":
+            if buf[pos + size:pos + size + 2] != b"\r\n":
                 raise Refusal("bad_framing", "A chunk does not end with "
                               "CRLF.", close=True)
-            parts.append(bytes(buf[:size]))
-            del buf[:size + 2]
-        while True:  # trailer section, ignored, up to its empty line
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
-                    raise Refusal("headers_too_large", "The chunked "
-                                  "trailers are too large.", close=True)
-                if not self._recv(deadline):
-                    raise ClientGone()
-                continue
-            line = bytes(buf[:end])
-            del buf[:end + 2]
-            if not line:
-                return b"".join(parts)
+            body += buf[pos:pos + size]
+            pos += size + 2
+        trailers = 0
+        while True:   # the trailer section, checked and dropped
+            trailer = line()
+            if not trailer:
+                del buf[:pos]
+                return bytes(body)
+            trailers += 1
+            if trailers > MAX_HEADER_COUNT or \
+                    not HEADER_LINES_RE.match(trailer.decode("latin-1")):
+                raise Refusal("bad_framing", "A chunked trailer is "
+                              "malformed.", close=True)
 
     # writing answers
 
@@ -2175,6 +2220,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == USAGE_PATH:
             self.close_connection |= self.body_pending
             return self._usage(config, query)
+        if self.command not in ALLOWED_METHODS:
+            raise Refusal("method_not_allowed", "%s is not forwarded."
+                          % clean_field(self.command))
         if route is None:
             raise Refusal("not_found", "No route for %s; llmgate serves /v1/"
                           "..., provider prefixes and %s."
@@ -2273,23 +2321,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               % clean_field(upstream_path))
             provider, upstream_path = found
         self._check_model(user, model)
+        kind = api_path(upstream_path)
         if user.models is not None and model is None and body \
-                and is_generation(upstream_path):
+                and is_generation(kind):
             raise Refusal("model_not_allowed", "Your key is limited to some "
                           "models, and llmgate cannot tell which model this "
                           "request is for; send JSON with a \"model\".")
 
-        ex = Exchange(user, family, provider, upstream_path)
+        ex = Exchange(user, family, provider, upstream_path, self.command)
         if doc is not None:
             changed = False
             if user.max_output_tokens is not None:
-                changed = cap_output(doc, upstream_path, family,
+                changed = cap_output(doc, kind, family,
                                      user.max_output_tokens)
-            if ask_for_usage(doc, upstream_path):
+            if ask_for_usage(doc, kind):
                 ex.meter.hide_usage_chunk = changed = True
             if changed:
                 body = encode_json(doc)
-        ex.estimate_in, amount = estimate(doc, upstream_path, config)
+        ex.estimate_in, amount = estimate(doc, kind, config)
+        if ex.free and not kind.endswith(FREE_SUFFIXES):
+            amount = 0    # a read: nothing to reserve
         ex.reservation = gateway.ledger.admit(user, amount)
         try:
             self._exchange(ex, query, body)
@@ -2373,6 +2424,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = self._upstream_headers(provider, body)
         self.exchange = ex
         try:
+            if self.client_closed:
+                raise ClientGone()   # shut while its body was read
             try:
                 ex.conn, ex.resp = self._send_upstream(ex, target, headers,
                                                        body)
@@ -2558,6 +2611,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     break
                 self._write(frame(data))
                 tail = keep_tail(tail, data, decoder)
+            if resp.length:   # closed short of its Content-Length
+                raise http.client.IncompleteRead(b"", resp.length)
         except (OSError, http.client.HTTPException):
             # the provider broke off after the head went out: all that is
             # left is to close, so the client sees a short answer
@@ -2615,8 +2670,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if out:
                     self._write(frame(b"".join(out)))
                 if meter.error_event:
-                    outcome = "error"
+                    # what was reported is charged; with nothing reported
+                    # after text was streamed, that text is estimated
+                    outcome = "aborted" if meter.output_chars and not \
+                        meter.reported() else "error"
                     break
+            if resp.length and not meter.error_event:
+                broken = "The provider broke off the stream."  # cut short
         except socket.timeout:
             broken = "The provider sent nothing for %g s." % \
                 ex.provider.timeout

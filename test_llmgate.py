@@ -207,6 +207,11 @@ class FakeProvider:
       hold           an Event to wait on before answering (a slow provider)
       hold_after     (n, Event): send n events, wait for the Event
       status         (code, doc): answer with this error instead
+      early_hints    send a 103 Early Hints before the answer
+      answer         a doc: answer 200 with it, whatever the path
+      truncate       (declared, sent): a plain answer whose Content-Length
+                     says `declared` bytes, cut off after `sent`
+      chat_error_after  send this many chat chunks, then an error chunk
       stall_body     an Event: send a plain answer's head and part of its
                      body, then wait for the Event
       headers        answer 200 JSON with these extra response headers
@@ -289,6 +294,21 @@ class FakeProvider:
         mode = self.mode
         if "hold" in mode:
             mode["hold"].wait(TIMEOUT)
+        if mode.get("early_hints"):
+            h.wfile.write(b"HTTP/1.1 103 Early Hints\r\n"
+                          b"Link: </a.css>; rel=preload\r\n\r\n")
+            h.wfile.flush()
+        if "answer" in mode:
+            return h.send_json(200, mode["answer"])
+        if "truncate" in mode:
+            declared, sent = mode["truncate"]
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(declared))
+            h.end_headers()
+            h.wfile.write(b" " * sent)
+            h.wfile.flush()
+            return h.break_connection()
         if "status" in mode:
             code, doc = mode["status"]
             return h.send_json(code, doc)
@@ -413,6 +433,10 @@ class FakeProvider:
                 "model": doc.get("model")}
         with_usage = (doc.get("stream_options") or {}).get("include_usage")
         for i, text in enumerate(["Hel", "lo", "!"]):
+            if self.mode.get("chat_error_after") == i:
+                yield sse({"error": {"message": "overloaded",
+                                     "type": "server_error"}})
+                return
             delta = {"content": text}
             if i == 0:
                 delta["role"] = "assistant"
@@ -2122,6 +2146,146 @@ class CommandLineTest(unittest.TestCase):
         self.stop_with(signal.SIGINT, False)
 
 
+# Hardening: what a review of the request path turned up #####################
+
+class HardeningTest(GatewayTest):
+
+    def test_trace_is_refused_and_never_forwarded(self):
+        for method in ("TRACE", "CONNECT"):
+            raw, closed = raw_exchange(self.port, request(
+                method, "/v1/models", [("Connection", "close")]))
+            self.assertEqual(status_of(raw), 405, raw[:200])
+            self.assert_error(json.loads(body_of(raw)),
+                              "method_not_allowed", "invalid_request_error")
+        self.assert_never_forwarded()
+
+    def test_early_hints_are_skipped_and_the_connection_stays_clean(self):
+        self.fake.mode = {"early_hints": True}
+        first = call(self.port, "POST", "/v1/chat/completions", CHAT)
+        self.assertEqual(first.status, 200)
+        self.assertEqual(first.json()["usage"], CHAT_USAGE)
+        self.fake.mode = {}
+        second = call(self.port, "POST", "/v1/embeddings",
+                      {"model": "e", "input": "x"})
+        self.assertEqual(second.json()["usage"], EMBEDDINGS_USAGE)
+        self.assertEqual(self.usage(), CHAT_TOTAL + 5)
+
+    def chunked(self, chunks, trailer=b""):
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+        return request("POST", "/v1/chat/completions", [
+            ("Content-Type", "application/json"),
+            ("Transfer-Encoding", "chunked"), ("Connection", "close")]) + \
+            body + b"0\r\n" + trailer + b"\r\n"
+
+    def test_many_small_chunks_are_read_whole(self):
+        data = json.dumps(CHAT).encode()
+        raw, _ = raw_exchange(self.port, self.chunked(
+            [data[i:i + 1] for i in range(len(data))]))
+        self.assertEqual(status_of(raw), 200, raw[:200])
+        self.assertEqual(self.fake.last().body, data)
+
+    def test_too_many_chunks_are_refused(self):
+        data = json.dumps(CHAT).encode()
+        with mock.patch.object(llmgate, "MAX_BODY_CHUNKS", 10):
+            raw, closed = raw_exchange(self.port, self.chunked(
+                [data[i:i + 1] for i in range(len(data))]))
+        self.assertEqual(status_of(raw), 400)
+        self.assertTrue(closed)
+        self.assert_never_forwarded()
+
+    def test_bare_line_feeds_in_chunk_lines_are_refused(self):
+        smuggled = [
+            request("POST", "/v1/chat/completions", [
+                ("Transfer-Encoding", "chunked")]) +
+            b"3;x\nZZZZ\r\nabc\r\n0\r\n\r\n",
+            self.chunked([b"abc"], b"X: a\nGET /v1/evil HTTP/1.1\r\n")]
+        for data in smuggled:
+            raw, closed = raw_exchange(self.port, data)
+            self.assertEqual(status_of(raw), 400, raw[:200])
+            self.assert_error(json.loads(body_of(raw)), "bad_framing",
+                              "invalid_request_error")
+            self.assertTrue(closed)
+        self.assert_never_forwarded()
+
+    def test_a_provider_url_with_credentials_is_refused(self):
+        doc = self.config()
+        doc["providers"]["openai"]["url"] = "https://:sk-x@api.openai.com"
+        with self.assertRaises(llmgate.ConfigError) as caught:
+            llmgate.parse_config(doc, self.dir, {})
+        self.assertIn("providers.openai.url", str(caught.exception))
+        self.assertNotIn("sk-x", str(caught.exception))
+
+    def test_an_answer_cut_short_is_not_taken_for_whole(self):
+        with mock.patch.object(llmgate, "HOLD_BODY_BYTES", 1000):
+            self.fake.mode = {"truncate": (5000, 3000)}
+            with self.assertRaises(http.client.IncompleteRead):
+                call(self.port, "POST", "/v1/chat/completions", CHAT)
+            self.assertTrue(self.wait_log_lines(1)[0].endswith(" aborted"))
+            self.fake.mode = {}
+            reply = call(self.port, "POST", "/v1/chat/completions", CHAT)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["usage"], CHAT_USAGE)
+
+    def test_a_content_length_of_other_digits_is_refused(self):
+        raw, closed = raw_exchange(self.port, request(
+            "POST", "/v1/chat/completions",
+            [("Content-Length", "\u00b2")]))
+        self.assertEqual(status_of(raw), 400)
+        self.assert_error(json.loads(body_of(raw)), "bad_framing",
+                          "invalid_request_error")
+        self.assertTrue(closed)
+        self.assertNotIn("Traceback", self.logs.text())
+
+    def test_a_slow_body_gets_the_body_deadline_not_the_heads(self):
+        data = json.dumps(CHAT).encode()
+        with mock.patch.object(llmgate, "HEADER_TIMEOUT_S", 0.2):
+            sock = socket.create_connection(("127.0.0.1", self.port),
+                                            timeout=TIMEOUT)
+            self.addCleanup(sock.close)
+            sock.sendall(request("POST", "/v1/chat/completions", [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))),
+                ("Connection", "close")]))
+            # slower than the head's timeout, well within the body's
+            threading.Event().wait(0.5)
+            sock.sendall(data)
+            got, _ = receive(sock)
+        self.assertEqual(status_of(bytes(got)), 200, bytes(got)[:200])
+
+    def test_an_encoded_path_is_still_metered(self):
+        body = dict(CHAT, stream=True)
+        reply = call(self.port, "POST", "/v1/chat/%63ompletions", body)
+        self.assertEqual(reply.status, 200)
+        rec = self.fake.last()
+        self.assertEqual(rec.path, "/v1/chat/%63ompletions")
+        self.assertEqual(rec.json()["stream_options"],
+                         {"include_usage": True})
+
+    def test_retrieving_a_stored_answer_is_not_charged_again(self):
+        stored = {"id": "resp_1", "object": "response",
+                  "usage": {"input_tokens": 4000, "output_tokens": 1000}}
+        self.fake.mode = {"answer": stored}
+        for _ in range(3):
+            reply = call(self.port, "GET", "/v1/responses/resp_1")
+            self.assertEqual(reply.json(), stored)
+        self.assertEqual(self.usage(), 0)
+        reply = call(self.port, "POST", "/v1/responses/resp_1/cancel",
+                     {"x": 1})
+        self.assertEqual(self.usage(), 5000)
+
+    def test_an_error_chunk_after_text_is_estimated(self):
+        self.fake.mode = {"chat_error_after": 2}
+        body = dict(CHAT, stream=True)
+        reply = call(self.port, "POST", "/v1/chat/completions", body)
+        datas = [json.loads(d) for d in reply.datas()]
+        self.assertIn("error", datas[-1])
+        expected_in = llmgate.estimate(body, "/v1/chat/completions",
+                                       self.gateway.config)[0]
+        # "Hel" + "lo": 5 characters, 2 tokens at 4 a token
+        self.assertEqual(self.usage(), expected_in + 2)
+        self.assertTrue(self.wait_log_lines(1)[0].endswith(" aborted"))
+
+
 # Issue 3: Anthropic, Azure and routing #######################################
 
 OPENAI_KEY = "sk-openai-provider-KEY-1111111111"
@@ -3221,6 +3385,11 @@ class EstimateTest(unittest.TestCase):
         self.assertIsNone(cap({"max_tokens": True}))
         self.assertIsNone(cap({"max_tokens": -5}))
         self.assertIsNone(cap({"max_tokens": "100"}))
+        # which field a provider reads varies: the largest one counts
+        self.assertEqual(cap({"max_output_tokens": 1, "max_tokens": 900}),
+                         900)
+        self.assertEqual(cap({"max_completion_tokens": 50,
+                              "max_tokens": 5}), 50)
 
     def test_estimate_adds_the_output_cap(self):
         est = llmgate.estimate
