@@ -2349,6 +2349,16 @@ class TwoFakeTest(GatewayTest):
         self.fake2.reset()
         GatewayTest.setUp(self)
 
+    def assert_routed(self, fake, path, body, sent, header, upstream_key,
+                      **kw):
+        """POST `body` to `path`: `fake` gets it as `sent`, with the
+        provider key `upstream_key` in `header`."""
+        reply = call(self.port, "POST", path, body, **kw)
+        self.assertEqual(reply.status, 200, reply.body)
+        rec = fake.last()
+        self.assertEqual(rec.path, sent)
+        self.assert_upstream_key(rec, header, upstream_key)
+
 
 # Routing #####################################################################
 
@@ -2527,11 +2537,8 @@ class ModelRoutingTest(TwoFakeTest):
                 # /v1/messages
                 ("llama-3-8b", "/v1/messages", "/v1/messages",
                  ANTHROPIC_KEY)):
-            reply = call(self.port, "POST", path, dict(MESSAGES, model=model))
-            self.assertEqual(reply.status, 200)
-            rec = self.fake2.last()
-            self.assertEqual(rec.path, sent)
-            self.assert_upstream_key(rec, "x-api-key", key)
+            self.assert_routed(self.fake2, path, dict(MESSAGES, model=model),
+                               sent, "x-api-key", key)
         self.assertEqual(self.fake.count(), 0)
         self.assertEqual(self.usage(), 2 * ANTHROPIC_TOTAL)
 
@@ -3045,12 +3052,9 @@ class UnprefixedAzureTest(TwoFakeTest):
     def test_openai_paths_go_to_azure(self):
         for path in (AZURE_DEPLOYMENT,
                      "/openai/v1/chat/completions?api-version=preview"):
-            reply = call(self.port, "POST", path, CHAT, key=None,
-                         headers={"api-key": ALICE_KEY})
-            self.assertEqual(reply.status, 200, reply.body)
-            rec = self.fake.last()
-            self.assertEqual(rec.path, path)
-            self.assert_upstream_key(rec, "api-key", PROVIDER_KEY)
+            self.assert_routed(self.fake, path, CHAT, path, "api-key",
+                               PROVIDER_KEY, key=None,
+                               headers={"api-key": ALICE_KEY})
         self.assertEqual(self.fake2.count(), 0)
         self.assertEqual(self.usage(), 2 * CHAT_TOTAL)
 
