@@ -1644,6 +1644,15 @@ class SelfServiceTest(GatewayTest):
         self.assert_error(reply.json(), "invalid_api_key",
                           "authentication_error")
 
+    def test_usage_takes_only_get_and_head(self):
+        reply = call(self.port, "POST", "/llmgate/usage", {"x": 1})
+        self.assertEqual(reply.status, 405)
+        self.assert_error(reply.json(), "method_not_allowed",
+                          "invalid_request_error")
+        reply = call(self.port, "HEAD", "/llmgate/usage")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, b"")
+
     def test_healthz_needs_no_auth(self):
         reply = call(self.port, "GET", "/healthz", key=None)
         self.assertEqual(reply.status, 200)
@@ -1911,6 +1920,45 @@ class RefusalTest(GatewayTest):
         self.assertEqual(raw, b"")
         self.assertLess(elapsed, 2.0)
         self.assert_clean_logs()
+
+    def test_an_idle_kept_alive_connection_is_closed(self):
+        with mock.patch.object(llmgate, "CLIENT_IDLE_TIMEOUT_S", 0.3):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                              timeout=TIMEOUT)
+            self.addCleanup(conn.close)
+            reply = call(self.port, "GET", "/healthz", conn=conn)
+            self.assertEqual(reply.status, 200)
+            t0 = time.monotonic()
+            got, closed = receive(conn.sock, timeout=5.0)
+            elapsed = time.monotonic() - t0
+        self.assertTrue(closed)
+        self.assertEqual(bytes(got), b"")
+        self.assertLess(elapsed, 2.0)
+
+    def test_connections_past_the_cap_are_closed_at_once(self):
+        with mock.patch.object(llmgate, "MAX_CONNECTIONS", 2):
+            held = []
+            for _ in range(2):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                                  timeout=TIMEOUT)
+                self.addCleanup(conn.close)
+                self.assertEqual(call(self.port, "GET", "/healthz",
+                                      conn=conn).status, 200)
+                held.append(conn)
+            raw, closed = raw_exchange(self.port, request(
+                "GET", "/healthz", key=None), timeout=5.0)
+            self.assertTrue(closed)
+            self.assertEqual(raw, b"")
+            held[0].close()
+            # the freed place is taken again once the server sees it go
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                raw, _ = raw_exchange(self.port, request(
+                    "GET", "/healthz", [("Connection", "close")],
+                    key=None), timeout=5.0)
+                if status_of(raw) == 200 or time.monotonic() > deadline:
+                    break
+            self.assertEqual(status_of(raw), 200)
 
 
 # Logging #####################################################################
