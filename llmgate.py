@@ -2484,7 +2484,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         charge.  `outcome` is "done" (answer complete), "error" (the
         provider refused, or sent an error event) or "aborted" (client
         gone, stream broken).  See README "Billing".  Settles once: later
-        calls do nothing."""
+        calls do nothing.
+        XXX: where the provider reports nothing, the charge is an estimate
+        at CHARS_PER_TOKEN; only reported usage is exact."""
         if ex.reservation.settled:
             return
         meter = ex.meter
