@@ -2062,26 +2062,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pos = 0
         chunks = 0
 
-        def line():
+        def line(limit, refusal):
+            """The next CRLF-ended line; `refusal` past `limit` bytes."""
             nonlocal pos
             while True:
                 end = buf.find(b"\r\n", pos)
                 if end >= 0:
                     text = bytes(buf[pos:end])
                     pos = end + 2
+                    if len(text) > limit:
+                        raise refusal
                     return text
-                if len(buf) - pos > MAX_HEADER_BYTES:
-                    raise Refusal("headers_too_large", "A chunk line or "
-                                  "trailer is too large.", close=True)
+                if len(buf) - pos > limit:
+                    raise refusal
                 del buf[:pos]
                 pos = 0
                 if not self._recv(deadline):
                     raise ClientGone()
 
+        long_size = Refusal("bad_framing", "A chunk-size line is too "
+                            "long.", close=True)
+        long_trailer = Refusal("headers_too_large", "The chunked trailers "
+                               "are too large.", close=True)
         while True:
-            size_line = line()
-            if len(size_line) > MAX_CHUNK_LINE_BYTES or \
-                    not CHUNK_LINE_RE.match(size_line):
+            size_line = line(MAX_CHUNK_LINE_BYTES, long_size)
+            if not CHUNK_LINE_RE.match(size_line):
                 raise Refusal("bad_framing", "A chunk-size line is "
                               "malformed.", close=True)
             size = int(size_line.split(b";", 1)[0], 16)
@@ -2106,7 +2111,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pos += size + 2
         trailers = 0
         while True:   # the trailer section, checked and dropped
-            trailer = line()
+            trailer = line(MAX_HEADER_BYTES, long_trailer)
             if not trailer:
                 del buf[:pos]
                 return bytes(body)

@@ -2255,6 +2255,17 @@ class HardeningTest(GatewayTest):
             self.assertTrue(closed)
         self.assert_never_forwarded()
 
+    def test_a_long_chunk_size_line_is_refused_before_its_end(self):
+        # no CRLF yet: refused at MAX_CHUNK_LINE_BYTES, not after waiting
+        data = request("POST", "/v1/chat/completions", [
+            ("Transfer-Encoding", "chunked")]) + b"1;" + b"x" * 5000
+        raw, closed = raw_exchange(self.port, data, timeout=5.0)
+        self.assertEqual(status_of(raw), 400, raw[:200])
+        self.assert_error(json.loads(body_of(raw)), "bad_framing",
+                          "invalid_request_error")
+        self.assertTrue(closed)
+        self.assert_never_forwarded()
+
     def test_a_provider_url_with_credentials_is_refused(self):
         doc = self.config()
         doc["providers"]["openai"]["url"] = "https://:sk-x@api.openai.com"
