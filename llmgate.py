@@ -1738,12 +1738,12 @@ class Exchange:
     """What the handler knows of one proxied request, shared with the
     disconnect watcher under `lock`."""
 
-    def __init__(self, user, family, provider, path, method):
+    def __init__(self, user, family, provider, path, kind, method):
         self.user = user
         self.family = family
         self.provider = provider
         self.path = path               # as forwarded
-        kind = api_path(path)          # what it is
+        # `kind` is api_path(path): what the request is
         if family == "anthropic":
             self.kind = "anthropic"
         elif kind.endswith("/responses"):
@@ -2334,7 +2334,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "models, and llmgate cannot tell which model this "
                           "request is for; send JSON with a \"model\".")
 
-        ex = Exchange(user, family, provider, upstream_path, self.command)
+        ex = Exchange(user, family, provider, upstream_path, kind,
+                      self.command)
         if doc is not None:
             changed = False
             if user.max_output_tokens is not None:
@@ -2582,13 +2583,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ex.meter.answer(text)
         if ex.generation:
             ex.meter.output_chars = len(body)
+        outcome = "error" if resp.status >= 400 else "done"
         if text is None and billable and ex.generation:
-            self._settle(ex, "aborted")   # XXX: an encoding zlib cannot read
-        self._settle(ex, "error" if resp.status >= 400 else "done")
+            outcome = "aborted"   # XXX: an encoding zlib cannot read
+        self._settle(ex, outcome)
         headers = self._response_headers(resp)
         headers.append(("Content-Length", str(len(body))))
         self._write(self._head(resp.status, headers) + body)
-        return
 
     def _pass_through(self, ex, resp, parts, billable, encoding):
         """Pass an answer on as it comes, after `parts` already read; keep
@@ -2631,13 +2632,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._settle(ex, "aborted")
             return
         self._upstream_done(ex)
+        outcome = "error" if resp.status >= 400 else "done"
         if decoder is not False:
             ex.meter.tail(tail)
         elif ex.generation:
             # XXX: not JSON, or an encoding zlib cannot read: the usage
             # is out of reach, so this is billed like a hung-up client
-            self._settle(ex, "aborted")
-        self._settle(ex, "error" if resp.status >= 400 else "done")
+            outcome = "aborted"
+        self._settle(ex, outcome)
         if chunked:
             self._write(b"0\r\n\r\n")
 
