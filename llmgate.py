@@ -1849,18 +1849,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.quota_user = None    # whose quota headers the answer carries
         self.body_pending = False
         gateway = self.server.gateway
+        refusal = None
         try:
             if not self._read_head():
                 return
         except ClientGone:
             return
         except Refusal as exc:
-            self._refuse(exc)
-            self._log_request()
-            return
-        # in flight from its head on: shutdown waits for uploads too
+            refusal = exc
+        # in flight from its head on, refusals included: shutdown waits for
+        # uploads and for every answer's log line
         gateway.enter()
         try:
+            if refusal is not None:
+                self._refuse(refusal)
+                return
             self.served += 1
             self.close_connection = not self.keep_alive
             self._dispatch()

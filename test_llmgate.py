@@ -807,11 +807,16 @@ class GatewayTest(unittest.TestCase):
         path = self.write_config(doc)
         self.gateway = llmgate.Gateway(llmgate.load_config(path))
         _, self.port = self.gateway.start(poll_interval=0.02)
-        self.addCleanup(self.gateway.stop, 0)
+        self.addCleanup(self.stop_gateway, self.gateway)
+
+    def stop_gateway(self, gateway):
+        """Stop `gateway` once its requests are done, so that none of them
+        logs into the next test's capture; none may still be running."""
+        self.assertEqual(gateway.stop(TIMEOUT), 0)
 
     def restart(self, doc):
         """Stop the running gateway and start one on `doc`."""
-        self.gateway.stop(0)
+        self.stop_gateway(self.gateway)
         self.start(doc)
 
     def restart_with_quota(self, tokens):
@@ -1719,6 +1724,30 @@ class RefusalTest(GatewayTest):
         self.assert_never_forwarded()
         self.assertEqual(self.usage(), 0)
         self.assert_clean_logs()
+
+    def test_a_refusal_is_in_flight_until_it_is_logged(self):
+        # shutdown waits for requests in flight; one refused at its head
+        # must count too, or its log line lands after the gateway stopped
+        held, gate = threading.Event(), threading.Event()
+        write = self.logs.write
+
+        def slow_write(text):
+            if " status=400 " in text:
+                held.set()
+                gate.wait(TIMEOUT)
+            return write(text)
+        self.logs.write = slow_write
+        with socket.create_connection(("127.0.0.1", self.port),
+                                      timeout=TIMEOUT) as s:
+            s.sendall(request("POST", CHAT_PATH, [
+                ("Content-Length", "5"), ("Content-Length", "6")]))
+            self.assertTrue(held.wait(TIMEOUT))
+            self.assertEqual(self.gateway.busy, 1)
+            gate.set()
+            self.assertEqual(self.gateway.stop(TIMEOUT), 0)
+            self.assertEqual(len(self.log_lines()), 1)
+            raw, closed = receive(s)
+        self.assert_raw_refused(bytes(raw), 400, "bad_framing", closed=closed)
 
     def test_invalid_json_400(self):
         for ctype in ("application/json", "application/json; charset=utf-8"):
