@@ -92,6 +92,7 @@ MAX_CHUNK_LINE_BYTES = 4096         # one chunk-size line of a chunked body
 MAX_BODY_CHUNKS = 1 << 17           # pieces of one chunked body: parsing
 #                                     each costs, whatever its size
 MAX_BODY_BYTES = 64 * 1024 * 1024   # default body cap: images, audio uploads
+FIRST_BYTE_TIMEOUT_S = 10.0    # a new connection's wait for its first byte
 HEADER_TIMEOUT_S = 10.0        # first byte to end of headers: stops dribblers
 CLIENT_IDLE_TIMEOUT_S = 60.0   # a client silent between requests, or not
 #                                reading its answer, is dropped
@@ -1676,8 +1677,9 @@ class DisconnectWatcher:
                 self.callbacks.pop(fd, None)
 
     def unwatch(self, sock):
-        """Stop watching; safe to call twice.  Call before closing."""
-        if not self.running:
+        """Stop watching; safe to call twice, and after close().  Call
+        before closing the socket."""
+        if self.epoll is None:
             return
         try:
             fd = sock.fileno()
@@ -1716,7 +1718,11 @@ class DisconnectWatcher:
                 return None
             sock, callback = entry
             probe = select.poll()
-            probe.register(sock, select.POLLRDHUP)
+            try:
+                probe.register(sock, select.POLLRDHUP)
+            except (OSError, ValueError):   # closed meanwhile: forget it
+                del self.callbacks[fd]
+                return None
             if not probe.poll(0):
                 try:   # alive: the event was stale; watch again
                     self.epoll.modify(fd, WATCH_EVENTS)
@@ -1848,7 +1854,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command = self.path = None
         self.quota_user = None    # whose quota headers the answer carries
         self.body_pending = False
-        gateway = self.server.gateway
+        self.in_flight = False
+        try:
+            self._handle_one()
+        finally:
+            if self.in_flight:
+                self.server.gateway.leave()
+
+    def _arrived(self):
+        """A request's first byte is here: from now until its log line is
+        written it is in flight, and shutdown waits for it."""
+        if not self.in_flight:
+            self.in_flight = True
+            self.server.gateway.enter()
+
+    def _handle_one(self):
         refusal = None
         try:
             if not self._read_head():
@@ -1857,9 +1877,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         except Refusal as exc:
             refusal = exc
-        # in flight from its head on, refusals included: shutdown waits for
-        # uploads and for every answer's log line
-        gateway.enter()
         try:
             if refusal is not None:
                 self._refuse(refusal)
@@ -1883,7 +1900,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                      "its log.", close=True))
         finally:
             self._log_request()
-            gateway.leave()
 
     def _recv(self, deadline):
         """Receive into `inbuf` until `deadline`; False at end of stream."""
@@ -1915,11 +1931,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if not buf:
                 wait = CLIENT_IDLE_TIMEOUT_S if self.served else \
-                    HEADER_TIMEOUT_S
+                    FIRST_BYTE_TIMEOUT_S
                 if not self._recv(time.monotonic() + wait):
                     return False
                 while buf[:2] == b"\r\n":
                     del buf[:2]
+            self._arrived()
             deadline = time.monotonic() + HEADER_TIMEOUT_S
             while True:
                 end = buf.find(b"\r\n\r\n")
@@ -1927,6 +1944,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     break
                 if len(buf) > MAX_HEADER_BYTES:
                     self.t0 = time.monotonic()
+                    self.family = self._route_family(buf)
                     line_end = buf.find(b"\r\n")
                     if line_end < 0 or line_end > MAX_REQUEST_LINE_BYTES:
                         raise Refusal("uri_too_long", "The request line is "
@@ -1941,6 +1959,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if buf:
                 self.t0 = time.monotonic()
                 self.close_connection = True
+                self.family = self._route_family(buf)
                 self._refuse(Refusal("request_timeout", "The request head "
                                      "did not arrive within %d s."
                                      % HEADER_TIMEOUT_S, close=True))
@@ -1949,8 +1968,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         head = bytes(buf[:end])
         del buf[:end + 4]
         self.t0 = time.monotonic()
+        self.family = self._route_family(head)
         self._parse_head(head)
         return True
+
+    def _route_family(self, head):
+        """The API family ("openai" or "anthropic") of the route a request
+        head names, read from its first line however malformed the rest,
+        so that a refusal made while the head is parsed has the shape of
+        the API the client called."""
+        line = bytes(head[:MAX_REQUEST_LINE_BYTES]).split(b"\r\n", 1)[0]
+        parts = line.decode("latin-1").split(" ")
+        if len(parts) < 2:
+            return "openai"
+        path = re.split(r"[?#]", parts[1], 1)[0]
+        if not path.startswith("/"):   # absolute-form: refused, but shaped
+            try:
+                path = urllib.parse.urlsplit(path).path
+            except ValueError:
+                return "openai"
+        route = self.server.gateway.config.match(path)
+        return "openai" if route is None else route[2]
 
     def _parse_head(self, head):
         """Fill command, path, request_version, header_list and `h`
@@ -2206,16 +2244,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         config = gateway.config
         target = self.path
         path, _, query = target.partition("?")
-        # the route decides the shape of every refusal, so it comes first
+        # self.family, the shape of every refusal, was read off the head
         route = config.match(path) if target.startswith("/") else None
-        if route is not None:
-            self.family = route[2]
         framing = self._body_length()
         # a body left unread makes the connection unusable: see _refuse
         self.body_pending = framing is not None
         if not target.startswith("/"):
             raise Refusal("invalid_path", "The request target must be a path "
                           "(origin-form), not an absolute URL.", close=True)
+        if "#" in target:
+            # RFC 9112 section 3.2: no fragment in a request target; a
+            # server that cut it off would route what llmgate did not
+            raise Refusal("invalid_path", "The request target must not "
+                          "contain a fragment (#).", close=True)
         if has_dot_segment(path):
             raise Refusal("invalid_path", "The path must not contain . or "
                           ".. segments.", close=True)
@@ -2790,8 +2831,10 @@ class Gateway:
         self.busy_lock = threading.Condition()
         self.busy = 0
         self.server = None
+        self.host = None
         self.reload_wanted = threading.Event()
         self.reloaded = threading.Condition()
+        self.reload_lock = threading.Lock()
         self.reloads = 0   # reload attempts, good or bad, for waiters
         self.stopped = threading.Event()
         self.config_stamp = config_stamp(config.path)
@@ -2813,6 +2856,7 @@ class Gateway:
         host = self.config.host if host is None else host
         port = self.config.port if port is None else port
         self.server = GatewayServer((host, port), self)
+        self.host = host   # as bound, for the warnings of later reloads
         threading.Thread(target=self.server.serve_forever,
                          args=(poll_interval,), name="server",
                          daemon=True).start()
@@ -2822,9 +2866,13 @@ class Gateway:
 
     def reload(self):
         """Load the config file again; keep the old one if it is bad.
-        Returns True when the new config is in force."""
+        Returns True when the new config is in force.  One reload runs at
+        a time; the file's stamp is taken before it is read, so the
+        watcher reloads a file written meanwhile, and only that."""
         try:
-            return self._reload()
+            with self.reload_lock:
+                self.config_stamp = config_stamp(self.config.path)
+                return self._reload()
         finally:
             with self.reloaded:
                 self.reloads += 1
@@ -2866,7 +2914,7 @@ class Gateway:
         self.config = new
         log("config reloaded: %d providers, %d users"
             % (len(new.providers), len(new.users)))
-        for warning in config_warnings(new):
+        for warning in config_warnings(new, self.host):
             log("warning: " + warning)
         return True
 
@@ -2875,10 +2923,8 @@ class Gateway:
             forced = self.reload_wanted.wait(CONFIG_POLL_S)
             if self.stopped.is_set():
                 return
-            stamp = config_stamp(self.config.path)
-            if forced or stamp != self.config_stamp:
+            if forced or config_stamp(self.config.path) != self.config_stamp:
                 self.reload_wanted.clear()
-                self.config_stamp = stamp
                 self.reload()
 
     def stop(self, grace=SHUTDOWN_GRACE_S):
