@@ -123,6 +123,7 @@ CONFIG_POLL_S = 1.0            # how often the config file is looked at
 STATE_SYNC_TIMEOUT_S = 5.0     # a request waits this long for its save
 WATCH_POLL_S = 1.0             # the disconnect watcher's wake-up period
 MAX_LOG_FIELD_CHARS = 120      # a model name or path in the log is cut here
+MAX_FORM_PARTS = 1000          # parts of a multipart body; uploads have few
 
 ANTHROPIC_VERSION = "2023-06-01"  # sent when the client names none
 USAGE_PATH = "/llmgate/usage"
@@ -177,9 +178,9 @@ JSON_START_RE = re.compile(rb"\s*\{")
 MULTI_SLASH_RE = re.compile(r"/{2,}")
 DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
 # a chunk-size line: hex size, optional extensions, no bare CR or LF
-CHUNK_LINE_RE = re.compile(rb"^[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?$")
-MULTIPART_MODEL_RE = re.compile(
-    rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
+CHUNK_LINE_RE = re.compile(rb"^[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?\Z")
+BOUNDARY_RE = re.compile(
+    r';\s*boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 
 
 # Errors ######################################################################
@@ -565,7 +566,7 @@ def parse_expiry(value, where):
             moment = datetime.datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError("%s must be an ISO date such as 2027-01-31 or "
-                          "2027-01-31T18:00:00Z, not %r" % (where, value))
+                          "2027-01-31T18:00:00Z" % where)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
@@ -579,13 +580,16 @@ def parse_provider(name, raw, where):
     check_fields(raw, where, PROVIDER_FIELDS)
     kind = raw.get("type", "openai")
     if kind not in PROVIDER_TYPES:
-        raise ConfigError("%s.type must be one of %s, not %r"
-                          % (where, ", ".join(PROVIDER_TYPES), kind))
+        raise ConfigError("%s.type must be one of %s"
+                          % (where, ", ".join(PROVIDER_TYPES)))
     url = get_str(raw, "url", where)
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        parts = urllib.parse.urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("%s.url must be an http:// or https:// URL with a "
-                          "host, not %r" % (where, url))
+                          "host" % where)
     if parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError("%s.url must not carry a query, fragment or "
                           "credentials" % where)
@@ -753,9 +757,14 @@ def load_config(path, environ=None):
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+    except RecursionError:
+        raise ConfigError("%s is nested too deeply" % path)
     base = os.path.dirname(os.path.abspath(path))
-    config = parse_config(data, base, os.environ if environ is None
-                          else environ)
+    try:
+        config = parse_config(data, base, os.environ if environ is None
+                              else environ)
+    except RecursionError:
+        raise ConfigError("%s is nested too deeply" % path)
     config.path = path
     return config
 
@@ -1192,12 +1201,71 @@ def request_model(doc, body, content_type, path):
         model = doc.get("model")
         if isinstance(model, str):
             return model
-    elif content_type.startswith("multipart/form-data"):
-        match = MULTIPART_MODEL_RE.search(body[:1024 * 1024])
-        if match:
-            return match.group(1).decode("utf-8", "replace").strip()
+    elif content_type.lower().startswith("multipart/form-data"):
+        model = multipart_field(body, content_type, b"model")
+        if model is not None:
+            return model
     match = DEPLOYMENT_RE.match(path)
     return urllib.parse.unquote(match.group(1)) if match else None
+
+
+def multipart_field(body, content_type, name):
+    """The text of the form field `name` in a multipart/form-data body
+    (RFC 7578), or None.  Walks the parts by their boundary and reads only
+    each part's head, so it runs in time linear in the body.  A field given
+    twice is a 400 (llmgate and the provider could read different ones),
+    and so is a part whose head cannot be read, or a form of more than
+    MAX_FORM_PARTS parts."""
+    match = BOUNDARY_RE.search(content_type)
+    if not match:
+        return None
+    delimiter = b"\r\n--" + (match.group(1) or match.group(2)).encode(
+        "latin-1")
+    # the first delimiter may open the body, without the CRLF before it
+    if body.startswith(delimiter[2:]):
+        pos, start = 0, len(delimiter) - 2
+    else:
+        pos = body.find(delimiter)
+        start = pos + len(delimiter)
+    found = None
+    parts = 0
+    while pos >= 0 and body[start:start + 2] != b"--":
+        parts += 1
+        if parts > MAX_FORM_PARTS:
+            raise Refusal("invalid_request", "The form has more than %d "
+                          "parts." % MAX_FORM_PARTS)
+        nxt = body.find(delimiter, start)
+        end = len(body) if nxt < 0 else nxt
+        head_end = body.find(b"\r\n\r\n", start,
+                             min(end, start + MAX_HEADER_BYTES))
+        if head_end < 0:
+            # a part llmgate cannot read could hold a field it missed
+            raise Refusal("invalid_request", "A part of the form has no "
+                          "head llmgate can read (at most %d bytes, ended "
+                          "by an empty line)." % MAX_HEADER_BYTES)
+        if part_name(body[start:head_end]) == name:
+            if found is not None:
+                raise Refusal("invalid_request", "The form names its %s "
+                              "more than once." % name.decode())
+            found = body[head_end + 4:end]
+        pos = nxt
+        start = nxt + len(delimiter)
+    if found is None:
+        return None
+    return found.decode("utf-8", "replace").strip() or None
+
+
+def part_name(head):
+    """The `name` of a form part's Content-Disposition, as bytes."""
+    for line in head.split(b"\r\n"):
+        field, _, value = line.partition(b":")
+        if field.strip().lower() != b"content-disposition":
+            continue
+        for param in value.split(b";")[1:]:
+            key, _, text = param.strip().partition(b"=")
+            if key.lower() == b"name":
+                return text.strip().strip(b'"')
+    return None
 
 
 def encode_json(doc):
@@ -1515,7 +1583,7 @@ class Meter:
         try:
             usage, _ = json.JSONDecoder().raw_decode(
                 tail[brace:].decode("utf-8", "replace"))
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(usage, dict):
             self.take_usage(usage)
@@ -1586,7 +1654,8 @@ def delta_chars(doc):
                 continue
             total += sum(len(v) for k, v in d.items()
                          if isinstance(v, str) and k != "role")
-            for call in d.get("tool_calls") or ():
+            calls = d.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(
                         fn.get("arguments"), str):
@@ -2076,7 +2145,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if "100-continue" in self.h.get("expect", "").lower() \
                 and self.request_version == "HTTP/1.1":
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n", interim=True)
         deadline = time.monotonic() + BODY_TIMEOUT_S
         kind, length = framing
         try:
@@ -2164,14 +2233,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # writing answers
 
-    def _write(self, data):
-        """Send bytes to the client or raise ClientGone."""
+    def _write(self, data, interim=False):
+        """Send bytes to the client or raise ClientGone.  The first write
+        of the answer itself, not an `interim` 100 Continue, is the time
+        to first byte."""
         try:
             self._set_timeout(CLIENT_IDLE_TIMEOUT_S)
             self.connection.sendall(data)
         except OSError:
             raise ClientGone()
-        if self.first_byte is None:
+        if self.first_byte is None and not interim:
             self.first_byte = time.monotonic()
 
     def _head(self, status, headers):
@@ -2294,7 +2365,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Refusal("missing_api_key", "No API key: send your llmgate "
                           "key as Authorization: Bearer KEY, x-api-key or "
                           "api-key.")
-        digest = key_digest(key)
+        # a header value is latin-1 text of the bytes sent: a UTF-8 key
+        # from the config hashes the same only as those bytes
+        digest = hashlib.sha256(key.encode("latin-1")).digest()
         user = config.by_digest.get(digest)
         confirmed = False
         for _, known in (user.digests if user is not None else ()):
@@ -2349,7 +2422,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         gateway.ledger.check(user)
         body = self._read_body(framing, limit)
 
-        content_type = self.h.get("content-type", "").lower()
+        raw_type = self.h.get("content-type", "")   # a boundary keeps case
+        content_type = raw_type.lower()
         doc = None
         # providers read JSON whatever the label says (vLLM, Ollama), so
         # limits must too: anything that looks like a JSON object is one
@@ -2362,7 +2436,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                   "valid JSON.")
             if not isinstance(doc, dict):
                 doc = None
-        model = request_model(doc, body, content_type, upstream_path)
+        model = request_model(doc, body, raw_type, upstream_path)
         self.log_model = model
         if provider is None:
             found = config.resolve(family, upstream_path, model)
@@ -2372,11 +2446,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             provider, upstream_path = found
         self._check_model(user, model)
         kind = api_path(upstream_path)
-        if user.models is not None and model is None and body \
-                and is_generation(kind):
+        # a form the gateway cannot read a model from may still name one
+        # to a laxer parser upstream, so a limited key must name it plainly
+        if user.models is not None and model is None and body and (
+                is_generation(kind) or content_type.startswith(
+                    "multipart/form-data")):
             raise Refusal("model_not_allowed", "Your key is limited to some "
                           "models, and llmgate cannot tell which model this "
-                          "request is for; send JSON with a \"model\".")
+                          "request is for; name it in a \"model\" field.")
 
         ex = Exchange(user, family, provider, upstream_path, kind,
                       self.command)

@@ -1789,28 +1789,38 @@ class RefusalTest(GatewayTest):
 
     def test_a_client_leaving_after_stop_is_no_traceback(self):
         # the watcher outlives stop() by one poll.  A kept-alive client
-        # that leaves then, its handler closing the socket before the
-        # watcher looks at the event, must not crash the watcher
-        finished, confirmed = threading.Event(), threading.Event()
+        # that leaves then, the watcher having seen it go but its handler
+        # closing the socket first, must not crash the watcher
+        seen, closed, confirmed = (threading.Event(), threading.Event(),
+                                   threading.Event())
+        finish = llmgate.Handler.finish
         shutdown_request = llmgate.GatewayServer.shutdown_request
         confirm = llmgate.DisconnectWatcher._confirm
 
-        def late_finish(server, request):
+        def late_finish(handler):
+            seen.wait(TIMEOUT)   # the watcher holds the hang-up event
+            finish(handler)
+
+        def closing(server, request):
             shutdown_request(server, request)   # this closes the socket
-            finished.set()
+            closed.set()
 
         def late_confirm(watcher, fd):
-            finished.wait(TIMEOUT)
+            seen.set()
+            closed.wait(TIMEOUT)
             try:
                 return confirm(watcher, fd)
             finally:
                 confirmed.set()
-        with mock.patch.object(llmgate.GatewayServer, "shutdown_request",
-                               late_finish), \
+        with mock.patch.object(llmgate.Handler, "finish", late_finish), \
+                mock.patch.object(llmgate.GatewayServer, "shutdown_request",
+                                  closing), \
                 mock.patch.object(llmgate.DisconnectWatcher, "_confirm",
                                   late_confirm), \
                 mock.patch.object(llmgate, "WATCH_POLL_S", TIMEOUT):
             self.restart(self.config())   # a watcher in one long poll
+            seen.clear()
+            closed.clear()
             conn = http.client.HTTPConnection("127.0.0.1", self.port,
                                               timeout=TIMEOUT)
             self.assertEqual(call(self.port, "GET", "/healthz",
@@ -2354,6 +2364,10 @@ class HardeningTest(GatewayTest):
             request("POST", "/v1/chat/completions", [
                 ("Transfer-Encoding", "chunked")]) +
             b"3;x\nZZZZ\r\nabc\r\n0\r\n\r\n",
+            # a size line ending in a bare LF: `$` would let it pass
+            request("POST", "/v1/chat/completions", [
+                ("Transfer-Encoding", "chunked")]) +
+            b"3\n\r\nabc\r\n0\r\n\r\n",
             self.chunked([b"abc"], b"X: a\nGET /v1/evil HTTP/1.1\r\n")]
         for data in smuggled:
             raw, closed = raw_exchange(self.port, data)
@@ -2381,6 +2395,91 @@ class HardeningTest(GatewayTest):
             llmgate.parse_config(doc, self.dir, {})
         self.assertIn("providers.openai.url", str(caught.exception))
         self.assertNotIn("sk-x", str(caught.exception))
+
+    def test_config_errors_never_echo_a_value(self):
+        # a value in the wrong field may be a secret pasted there
+        secret = "sk-pasted-secret-0001"
+        cases = [("url", secret, "providers.openai.url must be an http:// "
+                  "or https:// URL with a host"),
+                 ("url", "http://[" + secret, "providers.openai.url must "
+                  "be an http:// or https:// URL with a host"),
+                 ("type", secret, "providers.openai.type must be one of")]
+        for field, value, message in cases:
+            with self.subTest(field=field, value=value):
+                doc = self.config()
+                doc["providers"]["openai"][field] = value
+                with self.assertRaises(llmgate.ConfigError) as caught:
+                    llmgate.parse_config(doc, self.dir, {})
+                self.assertIn(message, str(caught.exception))
+                self.assertNotIn(secret, str(caught.exception))
+        doc = self.config()
+        doc["users"][0]["expires"] = secret
+        with self.assertRaises(llmgate.ConfigError) as caught:
+            llmgate.parse_config(doc, self.dir, {})
+        self.assertEqual(str(caught.exception), "users[0].expires must be "
+                         "an ISO date such as 2027-01-31 or "
+                         "2027-01-31T18:00:00Z")
+
+    def test_a_config_nested_too_deeply_is_a_config_error(self):
+        path = self.write_config({}, "deep.json")
+        with open(path, "w") as f:
+            f.write('{"users": ' + "[" * 100000 + "]" * 100000 + "}")
+        with self.assertRaises(llmgate.ConfigError) as caught:
+            llmgate.load_config(path)
+        self.assertEqual(str(caught.exception),
+                         "%s is nested too deeply" % path)
+
+    def test_hostile_usage_and_deltas_are_ignored(self):
+        meter = llmgate.Meter()
+        deep = b'{"usage": ' + b'{"a": ' * 100000 + b"1" + b"}" * 100001
+        meter.tail(deep)
+        meter.answer(deep)
+        self.assertFalse(meter.has_input())
+        for calls in (5, [7, None], {"function": {"arguments": "xyz"}}):
+            doc = {"choices": [{"delta": {"content": "hi",
+                                          "tool_calls": calls}}]}
+            self.assertEqual(llmgate.delta_chars(doc), 2)
+
+    def test_a_utf8_key_is_matched_as_the_bytes_sent(self):
+        key = "cl\u00e9-secr\u00e8te-\u00fc\u00df-0001"
+        doc = self.config()
+        doc["users"][0]["apiKey"] = key
+        self.restart(doc)
+        sent = key.encode("utf-8").decode("latin-1")   # the wire's bytes
+        for header in ("Authorization", "x-api-key"):
+            value = ("Bearer " + sent) if header == "Authorization" \
+                else sent
+            raw, _ = raw_exchange(self.port, request(
+                "GET", llmgate.USAGE_PATH,
+                [(header, value), ("Connection", "close")], key=None))
+            self.assertEqual(status_of(raw), 200, raw[:300])
+            self.assertEqual(json.loads(body_of(raw))["user"], "alice")
+        raw, _ = raw_exchange(self.port, request(
+            "GET", llmgate.USAGE_PATH, [("Connection", "close")],
+            key=key.encode("latin-1", "replace").decode("latin-1")))
+        self.assertEqual(status_of(raw), 401)
+        self.assert_clean_logs()
+
+    def test_100_continue_is_not_the_first_byte(self):
+        seen = []
+        write = llmgate.Handler._write
+
+        def spy(handler, data, interim=False):
+            write(handler, data, interim)
+            seen.append((data[:12], handler.first_byte is not None))
+        with mock.patch.object(llmgate.Handler, "_write", spy):
+            s = open_request(self.port, CHAT_PATH, CHAT, expect=True,
+                             close=True)
+            with s:
+                buf, _ = receive(s, done=lambda b: b"\r\n\r\n" in b)
+                self.assertEqual(bytes(buf),
+                                 b"HTTP/1.1 100 Continue\r\n\r\n")
+                s.sendall(json.dumps(CHAT).encode())
+                buf, closed = receive(s)
+        self.assertTrue(closed)
+        self.assertEqual(status_of(bytes(buf)), 200)
+        self.assertEqual(seen[0], (b"HTTP/1.1 100", False))
+        self.assertEqual(seen[1], (b"HTTP/1.1 200", True))
 
     def test_an_answer_cut_short_is_not_taken_for_whole(self):
         with mock.patch.object(llmgate, "HOLD_BODY_BYTES", 1000):
@@ -2804,7 +2903,9 @@ class CheckAndConfigTest(GatewayTest):
             message = self.assert_config_error(
                 {"x": {"type": kind, "url": "https://x.example"}},
                 "providers.x.type")
-            self.assertIn(repr(kind), message)
+            self.assertIn("must be one of openai, anthropic, azure", message)
+            if kind:   # a value is never echoed: it could be a secret
+                self.assertNotIn(str(kind), message)
 
     def test_known_types_are_accepted(self):
         config = self.parse({
@@ -4456,6 +4557,99 @@ class ControlsTest(Issue4Test):
                      headers={"Content-Type": "text/plain"})
         self.assert_refused(reply, "model_not_allowed", message)
         self.assertEqual(self.fake.count(), 0)
+
+    def form(self, parts, boundary="LlmGate-Bound4ry"):
+        """A multipart/form-data body of (name, value) parts, and its
+        Content-Type."""
+        b = boundary.encode()
+        body = b""
+        for name, value in parts:
+            body += (b"--" + b + b"\r\nContent-Disposition: form-data; "
+                     b'name="' + name.encode() + b'"\r\n\r\n' + value +
+                     b"\r\n")
+        return (body + b"--" + b + b"--\r\n",
+                'multipart/form-data; boundary="%s"' % boundary)
+
+    def upload(self, body, ctype):
+        return call(self.port, "POST", "/v1/audio/transcriptions", body,
+                    {"Content-Type": ctype})
+
+    def test_models_hold_for_multipart_uploads(self):
+        self.alice(models=["whisper-1"])
+        body, ctype = self.form([("model", b"whisper-1"),
+                                 ("file", b"RIFF....WAVE")])
+        self.assertEqual(self.upload(body, ctype).status, 200)
+        self.assertEqual(self.fake.last().body, body)
+        message = ("You may not use the model gpt-4o-transcribe through "
+                   "this gateway.")
+        # the file comes first and holds what looks like an allowed
+        # model field: only the form's own field counts
+        fake_field = (b'--x\r\nContent-Disposition: form-data; '
+                      b'name="model"\r\n\r\nwhisper-1\r\n')
+        body, ctype = self.form([("file", fake_field),
+                                 ("model", b"gpt-4o-transcribe")])
+        self.assert_refused(self.upload(body, ctype), "model_not_allowed",
+                            message)
+        # the boundary keeps its case; an unquoted one works as well
+        body, _ = self.form([("model", b"gpt-4o-transcribe")], "AbC")
+        self.assert_refused(self.upload(
+            body, "Multipart/Form-Data; boundary=AbC; charset=utf-8"),
+            "model_not_allowed", message)
+        self.assertEqual(self.fake.count(), 1)
+
+    def test_a_form_naming_its_model_twice_is_refused(self):
+        self.alice(models=["whisper-1"])
+        body, ctype = self.form([("model", b"whisper-1"),
+                                 ("model", b"gpt-4o-transcribe")])
+        reply = self.upload(body, ctype)
+        self.assert_refused(reply, "invalid_request",
+                            "The form names its model more than once.")
+        parts = [("f%d" % i, b"v") for i in range(
+            llmgate.MAX_FORM_PARTS + 1)]
+        body, ctype = self.form(parts)
+        self.assert_refused(self.upload(body, ctype), "invalid_request",
+                            "The form has more than %d parts."
+                            % llmgate.MAX_FORM_PARTS)
+        self.assert_never_forwarded()
+        self.assertEqual(self.usage(), 0)
+
+    def test_a_limited_key_must_name_its_model_plainly(self):
+        self.alice(models=["whisper-1"])
+        unknown = ("Your key is limited to some models, and llmgate cannot "
+                   "tell which model this request is for; name it in a "
+                   "\"model\" field.")
+        # a long or padded name is still the name: no way around the list
+        padded = b"gpt-4o-transcribe" + b" " * 300
+        body, ctype = self.form([("model", padded)])
+        self.assert_refused(self.upload(body, ctype), "model_not_allowed",
+                            "You may not use the model gpt-4o-transcribe "
+                            "through this gateway.")
+        # no model field, or a form without a boundary: no model known
+        body, ctype = self.form([("file", b"RIFF")])
+        self.assert_refused(self.upload(body, ctype), "model_not_allowed",
+                            unknown)
+        self.assert_refused(self.upload(body, "multipart/form-data"),
+                            "model_not_allowed", unknown)
+        # JSON without a model, on a path that generates
+        reply = call(self.port, "POST", CHAT_PATH,
+                     {"messages": CHAT["messages"]})
+        self.assert_refused(reply, "model_not_allowed", unknown)
+        # a part whose head never ends could hide a second model field
+        body, ctype = self.form([("model", b"whisper-1")])
+        body = body[:-len(b"--LlmGate-Bound4ry--\r\n")] + (
+            b"--LlmGate-Bound4ry\r\nContent-Disposition: form-data; "
+            b'name="model"\r\nX-Pad: ' + b"p" * llmgate.MAX_HEADER_BYTES +
+            b"\r\n\r\ngpt-4o-transcribe\r\n--LlmGate-Bound4ry--\r\n")
+        self.assert_refused(
+            self.upload(body, ctype), "invalid_request",
+            "A part of the form has no head llmgate can read (at most "
+            "%d bytes, ended by an empty line)." % llmgate.MAX_HEADER_BYTES)
+        self.assert_never_forwarded()
+        # a key with no list may send a form without a model
+        body, ctype = self.form([("file", b"RIFF")])
+        reply = call(self.port, "POST", "/v1/audio/transcriptions", body,
+                     {"Content-Type": ctype}, key=BOB_KEY)
+        self.assertEqual(reply.status, 200)
 
     def sent(self, path, body):
         reply = call(self.port, "POST", path, body)
