@@ -129,6 +129,7 @@ ANTHROPIC_VERSION = "2023-06-01"  # sent when the client names none
 USAGE_PATH = "/llmgate/usage"
 HEALTH_PATH = "/healthz"
 STATE_FORMAT = "llmgate-usage/1"
+REASONS = {s.value: s.phrase for s in http.HTTPStatus}   # 200 -> "OK"
 
 # RFC 9110 section 7.6.1: never forwarded, whatever the Connection header says
 HOP_BY_HOP = frozenset((
@@ -1283,13 +1284,16 @@ def api_path(path):
     is (a generation, a stream to meter, a free count): percent-escapes
     decoded, repeated and trailing slashes dropped.  The path forwarded
     stays the client's."""
-    path = MULTI_SLASH_RE.sub("/", urllib.parse.unquote(path))
+    if "%" in path or "//" in path:
+        path = MULTI_SLASH_RE.sub("/", urllib.parse.unquote(path))
     return path.rstrip("/") or "/"
 
 
 def has_dot_segment(path):
     """True for a path with . or .. segments, plain or percent-encoded
     (also behind an encoded slash or backslash)."""
+    if "." not in path and "%" not in path:
+        return False   # nothing a dot could be decoded from
     decoded = urllib.parse.unquote(urllib.parse.unquote(path))
     for segment in re.split(r"[/\\]", decoded):
         if segment in (".", ".."):
@@ -2037,8 +2041,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         head = bytes(buf[:end])
         del buf[:end + 4]
         self.t0 = time.monotonic()
-        self.family = self._route_family(head)
-        self._parse_head(head)
+        try:
+            self._parse_head(head)
+        except Refusal:
+            self.family = self._route_family(head)
+            raise
         return True
 
     def _route_family(self, head):
@@ -2048,9 +2055,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         the API the client called."""
         line = bytes(head[:MAX_REQUEST_LINE_BYTES]).split(b"\r\n", 1)[0]
         parts = line.decode("latin-1").split(" ")
-        if len(parts) < 2:
-            return "openai"
-        path = re.split(r"[?#]", parts[1], 1)[0]
+        return self._target_family(parts[1]) if len(parts) > 1 else "openai"
+
+    def _target_family(self, target):
+        """The API family of the route a request target names."""
+        path = target.partition("?")[0].partition("#")[0]
         if not path.startswith("/"):   # absolute-form: refused, but shaped
             try:
                 path = urllib.parse.urlsplit(path).path
@@ -2249,11 +2258,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A response head as bytes; marks the response as started."""
         self.started = True
         self.status = status
-        try:
-            reason = http.HTTPStatus(status).phrase
-        except ValueError:
-            reason = "Unknown"
-        lines = ["HTTP/1.1 %d %s" % (status, reason)]
+        lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown"))]
         lines.extend("%s: %s" % kv for kv in headers)
         if self.close_connection:
             lines.append("Connection: close")
@@ -2315,8 +2320,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         config = gateway.config
         target = self.path
         path, _, query = target.partition("?")
-        # self.family, the shape of every refusal, was read off the head
         route = config.match(path) if target.startswith("/") else None
+        # the shape of every refusal from here on
+        self.family = route[2] if route is not None and "#" not in target \
+            else self._target_family(target)
         framing = self._body_length()
         # a body left unread makes the connection unusable: see _refuse
         self.body_pending = framing is not None
