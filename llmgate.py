@@ -60,6 +60,7 @@ import hmac
 import http
 import http.client
 import http.server
+import io
 import json
 import math
 import os
@@ -178,6 +179,7 @@ DEPLOYMENT_RE = re.compile(r"^/openai/deployments/([^/]+)/")
 JSON_START_RE = re.compile(rb"\s*\{")
 MULTI_SLASH_RE = re.compile(r"/{2,}")
 DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+THREE_DIGITS_RE = re.compile(r"[0-9]{3}\Z")   # a status code
 # a chunk-size line: hex size, optional extensions, no bare CR or LF
 CHUNK_LINE_RE = re.compile(rb"^[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?\Z")
 BOUNDARY_RE = re.compile(
@@ -1351,63 +1353,180 @@ class Headers:
         return name.lower() in self.by_name
 
 
-class UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response with a lean head parser.  The standard one
+def read_answer(sock, method):
+    """Read a provider's answer head off `sock` with llmgate's own bounded
+    parser, skipping any 1xx.  A plain answer whose whole body came with
+    the head, as most do in one read, is returned as an Answer; any other
+    (chunked, streamed, larger) as an UpstreamResponse, whose body
+    http.client reads from what is left.  http.client's own head parser
     runs every header block through the email package, which costs more
-    than all the rest the gateway does to a request; bodies, chunked
-    decoding and connection state stay http.client's own."""
+    than all the rest the gateway does to a request.  Raises OSError or
+    http.client.HTTPException."""
+    buf = bytearray()
+    while True:
+        version, status, reason, pairs = parse_answer_head(
+            read_head(sock, buf))
+        if status == http.client.SWITCHING_PROTOCOLS:
+            raise http.client.HTTPException("the provider switched "
+                                            "protocols")
+        if not 100 <= status < 200:
+            break   # 100 Continue, 103 Early Hints: not the answer
+    headers = Headers(pairs)
+    te = headers.get("transfer-encoding")
+    chunked = bool(te and te.lower() == "chunked")
+    version = 10 if version in ("HTTP/1.0", "HTTP/0.9") else 11
+    connection = (headers.get("connection") or "").lower()
+    if version == 11:
+        will_close = "close" in connection
+    else:   # HTTP/1.0 closes unless it says otherwise, as http.client reads
+        will_close = not (headers.get("keep-alive") or "keep-alive" in
+                          connection or "keep-alive" in (headers.get(
+                              "proxy-connection") or "").lower())
+    length = None
+    declared = headers.get("content-length")
+    if declared and not chunked and DIGITS_RE.match(declared):
+        length = int(declared)
+    if status in (204, 304) or method == "HEAD":
+        length = 0
+    if not chunked and length is None:
+        will_close = True   # the body ends where the connection does
+    if length is not None and len(buf) >= length:
+        # more than declared is nobody's answer: the connection goes
+        return Answer(status, reason, headers, bytes(buf[:length]),
+                      will_close or len(buf) > length)
+    resp = UpstreamResponse(FileOf(io.BufferedReader(Leftover(sock, buf))),
+                            method=method)
+    resp.code = resp.status = status
+    resp.reason = reason
+    resp.version = version
+    resp.headers = resp.msg = headers
+    resp.chunked = chunked
+    resp.chunk_left = None
+    resp.length = length
+    resp.will_close = will_close
+    return resp
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """An answer whose body http.client reads; its head was read by
+    read_answer, so begin() has nothing left to do."""
 
     def begin(self):
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            pairs = read_header_lines(self.fp)
-            if status == http.client.SWITCHING_PROTOCOLS:
-                raise http.client.HTTPException("the provider switched "
-                                                "protocols")
-            if not 100 <= status < 200:
-                break   # 100 Continue, 103 Early Hints: not the answer
-        self.code = self.status = status
-        self.reason = reason.strip()
-        self.version = 10 if version in ("HTTP/1.0", "HTTP/0.9") else 11
-        self.headers = self.msg = Headers(pairs)
-        te = self.headers.get("transfer-encoding")
-        self.chunked = bool(te and te.lower() == "chunked")
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length)
-            except ValueError:
-                self.length = None
-            else:
-                if self.length < 0:
-                    self.length = None
-        if status in (204, 304) or 100 <= status < 200 \
-                or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
+        pass
 
 
-def read_header_lines(fp):
-    """(name, value) pairs of a provider's answer head, bounded by
-    MAX_HEADER_BYTES per line and MAX_HEADER_COUNT lines."""
-    pairs = []
+class FileOf:
+    """Stands in for the socket HTTPResponse asks for a file object."""
+
+    def __init__(self, fp):
+        self.fp = fp
+
+    def makefile(self, mode):
+        return self.fp
+
+
+class Answer:
+    """A plain answer that came whole with its head: what the relays use of
+    an HTTPResponse, with no file object behind it."""
+
+    chunked = False
+
+    def __init__(self, status, reason, headers, body, will_close):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.held = body
+        self.length = len(body)   # what is left to read, as http.client's
+        self.will_close = will_close
+
+    def read(self, amt=None):
+        if self.held is None:
+            return b""
+        if amt is None or amt >= len(self.held):
+            data, self.held = self.held, None
+        else:
+            data, self.held = self.held[:amt], self.held[amt:]
+        self.length -= len(data)
+        return data
+
+    def read1(self, n=-1):
+        return self.read(None if n is None or n < 0 else n)
+
+    def isclosed(self):
+        return self.held is None
+
+    def close(self):
+        self.held = None
+
+
+def read_head(sock, buf):
+    """The next head in `buf`, receiving until it is whole; what follows it
+    stays in `buf`.  Bounded by MAX_HEADER_BYTES in all."""
     while True:
-        line = fp.readline(MAX_HEADER_BYTES + 1)
-        if len(line) > MAX_HEADER_BYTES:
-            raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n", b""):
-            return pairs
+        end = head_end(buf)
+        if end > MAX_HEADER_BYTES or (end < 0 and
+                                      len(buf) > MAX_HEADER_BYTES):
+            raise http.client.LineTooLong("answer head")
+        if end >= 0:
+            head = bytes(buf[:end])
+            del buf[:end]
+            return head
+        data = sock.recv(RECV_BYTES)
+        if not data:
+            if buf:
+                raise http.client.IncompleteRead(bytes(buf))
+            raise http.client.RemoteDisconnected("no answer")
+        buf += data
+
+
+class Leftover(io.RawIOBase):
+    """The socket under an answer's body, behind the bytes of it that were
+    received with the head."""
+
+    def __init__(self, sock, buf):
+        self.sock = sock
+        self.buf = buf
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.buf:
+            n = min(len(b), len(self.buf))
+            b[:n] = self.buf[:n]
+            del self.buf[:n]
+            return n
+        return self.sock.recv_into(b)
+
+
+def head_end(buf):
+    """Where the head at the start of `buf` ends (after its empty line),
+    or -1.  As http.client reads heads, a line ends with LF, CR before it
+    or not."""
+    ends = [i + n for i, n in ((buf.find(b"\n\r\n"), 3),
+                               (buf.find(b"\n\n"), 2)) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def parse_answer_head(head):
+    """(version, status, reason, header pairs) of a provider's answer
+    head, as bytes ending in its empty line; at most MAX_HEADER_COUNT
+    headers.  Raises http.client.HTTPException."""
+    lines = head.decode("latin-1").split("\n")
+    status_line = lines[0].rstrip("\r")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.strip().partition(" ")
+    if not version.startswith("HTTP/") or not THREE_DIGITS_RE.match(code):
+        raise http.client.BadStatusLine(status_line[:100])
+    pairs = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue   # the empty lines at the end, or no header at all
         if len(pairs) >= MAX_HEADER_COUNT:
             raise http.client.HTTPException("too many headers")
-        name, sep, value = line.decode("latin-1").partition(":")
-        if sep:
-            pairs.append((name.strip(), value.strip()))
+        pairs.append((name.strip(), value.strip()))
+    return version, int(code), reason.strip(), pairs
 
 
 class ConnectionPool:
@@ -2526,8 +2645,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 # names and values were checked when the request was read
                 conn.sock.sendall(head + body)
                 ex.sent = True
-                resp = UpstreamResponse(conn.sock, method=self.command)
-                resp.begin()
+                resp = read_answer(conn.sock, self.command)
                 return conn, resp
             except socket.timeout:
                 conn.close()

@@ -218,6 +218,9 @@ class FakeProvider:
       hold_after     (n, Event): send n events, wait for the Event
       status         (code, doc): answer with this error instead
       early_hints    send a 103 Early Hints before the answer
+      raw            bytes written as the whole answer, in pieces when a
+                     list, each flushed; the connection is then kept if
+                     `raw_keep` is set, else closed
       answer         a doc: answer 200 with it, whatever the path
       truncate       (declared, sent): a plain answer whose Content-Length
                      says `declared` bytes, cut off after `sent`
@@ -307,6 +310,13 @@ class FakeProvider:
             h.wfile.write(b"HTTP/1.1 103 Early Hints\r\n"
                           b"Link: </a.css>; rel=preload\r\n\r\n")
             h.wfile.flush()
+        if "raw" in mode:
+            pieces = mode["raw"]
+            for piece in pieces if isinstance(pieces, list) else [pieces]:
+                h.wfile.write(piece)
+                h.wfile.flush()
+            h.close_connection = not mode.get("raw_keep")
+            return None
         if "answer" in mode:
             return h.send_json(200, mode["answer"])
         if "truncate" in mode:
@@ -2335,6 +2345,125 @@ class HardeningTest(GatewayTest):
                       {"model": "e", "input": "x"})
         self.assertEqual(second.json()["usage"], EMBEDDINGS_USAGE)
         self.assertEqual(self.usage(), CHAT_TOTAL + 5)
+
+    def raw_answer(self, head_lines, body, sep=b"\r\n"):
+        """A provider's answer as bytes: head lines, then `body`."""
+        return sep.join(head_lines) + sep + sep + body
+
+    def test_an_answer_head_too_large_is_a_502(self):
+        body = json.dumps({"usage": CHAT_USAGE}).encode()
+        base = [b"HTTP/1.1 200 OK", b"Content-Type: application/json",
+                b"Content-Length: %d" % len(body)]
+        cases = [
+            base + [b"X-H%d: v" % i for i in range(llmgate.MAX_HEADER_COUNT)],
+            base + [b"X-Big: " + b"v" * llmgate.MAX_HEADER_BYTES]]
+        for head in cases:
+            with self.subTest(lines=len(head)):
+                self.fake.mode = {"raw": self.raw_answer(head, body)}
+                reply = call(self.port, "POST", CHAT_PATH, CHAT)
+                self.assert_openai_error(reply, 502, "api_error",
+                                         "upstream_unreachable")
+        self.assertEqual(self.usage(), 0)
+        self.assert_clean_logs()
+
+    def test_an_answer_head_in_bare_line_feeds_is_read(self):
+        # as http.client reads it: LF alone ends a line, a reason is
+        # optional, and each 1xx before the answer is skipped
+        body = json.dumps({"usage": CHAT_USAGE}).encode()
+        head = [b"HTTP/1.1 200", b"Content-Type: application/json",
+                b"Content-Length: %d" % len(body), b"X-Odd:  spaced  "]
+        self.fake.mode = {"raw": [
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            self.raw_answer(head, body, b"\n")]}
+        reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.body, body)
+        self.assertEqual(reply.headers["x-odd"], "spaced")
+        self.assertEqual(self.usage(), CHAT_TOTAL)
+
+    def test_an_answer_in_pieces_is_read_whole(self):
+        # the head split mid-line and the body split from it: each piece
+        # is its own write, so the gateway reads them one by one
+        body = json.dumps({"usage": CHAT_USAGE}).encode()
+        data = self.raw_answer([b"HTTP/1.1 200 OK",
+                                b"Content-Type: application/json",
+                                b"Content-Length: %d" % len(body)], body)
+        cut = data.index(b"Content-Length") + 5
+        self.fake.mode = {"raw": [data[:cut], data[cut:-10], data[-10:]],
+                          "raw_keep": True}
+        for _ in range(2):   # the second on the kept connection
+            reply = call(self.port, "POST", CHAT_PATH, CHAT)
+            self.assertEqual(reply.status, 200, reply.body)
+            self.assertEqual(reply.body, body)
+        self.assertEqual(self.usage(), 2 * CHAT_TOTAL)
+
+    def test_an_answer_longer_than_declared_ends_its_connection(self):
+        # bytes past the Content-Length are no one's answer: they are
+        # dropped, and the connection is not used again
+        body = json.dumps({"usage": CHAT_USAGE}).encode()
+        self.fake.mode = {"raw": self.raw_answer(
+            [b"HTTP/1.1 200 OK", b"Content-Type: application/json",
+             b"Content-Length: %d" % len(body)], body + b"HTTP/1.1 200 OK"),
+            "raw_keep": True}
+        reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assertEqual(reply.body, body)
+        self.fake.mode = {}
+        reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["usage"], CHAT_USAGE)
+        self.assertEqual(self.usage(), 2 * CHAT_TOTAL)
+        self.assertNotEqual(self.fake.requests[0].peer,
+                            self.fake.requests[1].peer)
+
+    def test_a_whole_event_stream_with_a_length_is_not_cut_short(self):
+        # an SSE answer with a Content-Length that came with its head, and
+        # the same gzipped, which passes through unparsed
+        events = (sse({"choices": [{"delta": {"content": "hi"}}]}) +
+                  sse({"choices": [], "usage": CHAT_USAGE}) +
+                  b"data: [DONE]\n\n")
+        for encoding in (None, "br"):
+            with self.subTest(encoding=encoding):
+                head = [b"HTTP/1.1 200 OK",
+                        b"Content-Type: text/event-stream",
+                        b"Content-Length: %d" % len(events)]
+                if encoding:
+                    head.append(b"Content-Encoding: " + encoding.encode())
+                self.fake.mode = {"raw": self.raw_answer(head, events),
+                                  "raw_keep": True}
+                reply = call(self.port, "POST", CHAT_PATH,
+                             dict(CHAT, stream=True))
+                self.assertEqual(reply.status, 200)
+                if encoding is None:
+                    # the usage chunk was asked for by llmgate: hidden
+                    self.assertEqual(reply.body, events.replace(
+                        sse({"choices": [], "usage": CHAT_USAGE}), b""))
+                    self.assertEqual(self.usage(), CHAT_TOTAL)
+                    line = self.wait_log_lines(1)[-1]
+                    self.assertFalse(line.endswith(" aborted"), line)
+                else:   # unreadable: whole, but billed as an estimate
+                    self.assertEqual(reply.body, events)
+        self.assertNotIn("broke off", self.logs.text())
+        self.assertEqual(self.fake.requests[0].peer,
+                         self.fake.requests[1].peer)   # kept and reused
+
+    def test_a_bad_status_line_is_a_502(self):
+        for line in (b"HTTP/1.1 2x0 OK", b"HTTP/1.1 \xb2\xb2\xb2 OK",
+                     b"ICY 200 OK", b"HTTP/1.1 20 OK"):
+            with self.subTest(line=line):
+                self.fake.mode = {"raw": self.raw_answer(
+                    [line, b"Content-Length: 2"], b"{}")}
+                reply = call(self.port, "POST", CHAT_PATH, CHAT)
+                self.assert_openai_error(reply, 502, "api_error",
+                                         "upstream_unreachable")
+
+    def test_a_provider_that_closes_without_a_word_is_a_502(self):
+        for data in (b"", b"HTTP/1.1 200 OK\r\nContent-Ty"):
+            with self.subTest(data=data):
+                self.fake.mode = {"raw": data}
+                reply = call(self.port, "POST", CHAT_PATH, CHAT)
+                self.assert_openai_error(reply, 502, "api_error",
+                                         "upstream_unreachable")
+        self.assertEqual(self.usage(), 0)
 
     def chunked(self, chunks, trailer=b""):
         body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
