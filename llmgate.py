@@ -1217,8 +1217,8 @@ def multipart_field(body, content_type, name):
     (RFC 7578), or None.  Walks the parts by their boundary and reads only
     each part's head, so it runs in time linear in the body.  A field given
     twice is a 400 (llmgate and the provider could read different ones),
-    and so is a part whose head cannot be read, or a form of more than
-    MAX_FORM_PARTS parts."""
+    and so is a part whose head cannot be read, a boundary found anywhere
+    but as a delimiter, or a form of more than MAX_FORM_PARTS parts."""
     match = BOUNDARY_RE.search(content_type)
     if not match:
         return None
@@ -1230,6 +1230,7 @@ def multipart_field(body, content_type, name):
     else:
         pos = body.find(delimiter)
         start = pos + len(delimiter)
+    delimiters = 1 if pos >= 0 else 0
     found = None
     parts = 0
     while pos >= 0 and body[start:start + 2] != b"--":
@@ -1238,6 +1239,7 @@ def multipart_field(body, content_type, name):
             raise Refusal("invalid_request", "The form has more than %d "
                           "parts." % MAX_FORM_PARTS)
         nxt = body.find(delimiter, start)
+        delimiters += nxt >= 0
         end = len(body) if nxt < 0 else nxt
         head_end = body.find(b"\r\n\r\n", start,
                              min(end, start + MAX_HEADER_BYTES))
@@ -1253,6 +1255,11 @@ def multipart_field(body, content_type, name):
             found = body[head_end + 4:end]
         pos = nxt
         start = nxt + len(delimiter)
+    if body.count(delimiter[2:]) != delimiters:
+        # "--boundary" after a bare LF, say, where a laxer parser upstream
+        # could see a part, and a field, that llmgate did not
+        raise Refusal("invalid_request", "The form's boundary appears "
+                      "where it does not delimit a part.")
     if found is None:
         return None
     return found.decode("utf-8", "replace").strip() or None

@@ -4773,6 +4773,14 @@ class ControlsTest(Issue4Test):
             self.upload(body, ctype), "invalid_request",
             "A part of the form has no head llmgate can read (at most "
             "%d bytes, ended by an empty line)." % llmgate.MAX_HEADER_BYTES)
+        # a second model field behind bare line feeds, which a lax parser
+        # would take for a part of its own
+        body, ctype = self.form([("model", b"whisper-1"), (
+            "file", b"RIFF\n--LlmGate-Bound4ry\nContent-Disposition: "
+            b'form-data; name="model"\n\ngpt-4o-transcribe\n')])
+        self.assert_refused(
+            self.upload(body, ctype), "invalid_request",
+            "The form's boundary appears where it does not delimit a part.")
         self.assert_never_forwarded()
         # a key with no list may send a form without a model
         body, ctype = self.form([("file", b"RIFF")])
