@@ -180,6 +180,9 @@ JSON_START_RE = re.compile(rb"\s*\{")
 MULTI_SLASH_RE = re.compile(r"/{2,}")
 DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
 THREE_DIGITS_RE = re.compile(r"[0-9]{3}\Z")   # a status code
+# the end of a server-sent event: a line ending, then an empty line; a CR
+# is one unless an LF follows it
+EVENT_END_RE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 # a chunk-size line: hex size, optional extensions, no bare CR or LF
 CHUNK_LINE_RE = re.compile(rb"^[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?\Z")
 BOUNDARY_RE = re.compile(
@@ -1617,36 +1620,39 @@ class ConnectionPool:
 
 class EventSplitter:
     """Cuts a byte stream into whole server-sent events, each with its
-    blank line.  Holds at most MAX_EVENT_BYTES of an unfinished event;
+    blank line.  A line may end in CRLF, LF or CR alone (the SSE spec).
+    A read that ends between the CR and LF of an event's last CRLF hands
+    that LF on with the next event, where it is an empty line that
+    clients skip.  Each byte is searched once, however an event is cut
+    into reads.  Holds at most MAX_EVENT_BYTES of an unfinished event;
     past that the bytes are handed on whole, unparsed."""
 
     def __init__(self):
-        self.pending = b""
+        self.pending = bytearray()
 
     def feed(self, data):
-        buf = self.pending + data if self.pending else data
+        buf = self.pending
+        # an event's end is at most 4 bytes: search from just before the
+        # bytes that are new
+        pos = max(0, len(buf) - 3)
+        buf += data
         events = []
         start = 0
         while True:
-            lf = buf.find(b"\n\n", start)
-            crlf = buf.find(b"\r\n\r\n", start)
-            if lf < 0 and crlf < 0:
+            match = EVENT_END_RE.search(buf, pos)
+            if match is None:
                 break
-            if crlf >= 0 and (lf < 0 or crlf < lf):
-                end = crlf + 4
-            else:
-                end = lf + 2
-            events.append(buf[start:end])
-            start = end
-        rest = buf[start:]
-        if len(rest) > MAX_EVENT_BYTES:
-            events.append(rest)
-            rest = b""
-        self.pending = rest
+            events.append(bytes(buf[start:match.end()]))
+            start = pos = match.end()
+        del buf[:start]
+        if len(buf) > MAX_EVENT_BYTES:
+            events.append(bytes(buf))
+            del buf[:]
         return events
 
     def flush(self):
-        rest, self.pending = self.pending, b""
+        rest = bytes(self.pending)
+        del self.pending[:]
         return rest
 
 
@@ -1675,11 +1681,16 @@ class Meter:
 
     def tokens(self):
         """(input, output) tokens reported.  Anthropic's cache figures are
-        not part of its input_tokens, so they are added."""
+        not part of its input_tokens, so they are added; OpenAI-style
+        usage (LiteLLM's, say) that has them too counts them already in
+        its prompt_tokens."""
         f = self.fields
-        tokens_in = f.get("prompt_tokens", f.get("input_tokens", 0))
-        tokens_in += f.get("cache_creation_input_tokens", 0)
-        tokens_in += f.get("cache_read_input_tokens", 0)
+        if "prompt_tokens" in f:
+            tokens_in = f["prompt_tokens"]
+        else:
+            tokens_in = f.get("input_tokens", 0) + \
+                f.get("cache_creation_input_tokens", 0) + \
+                f.get("cache_read_input_tokens", 0)
         tokens_out = f.get("completion_tokens", f.get("output_tokens", 0))
         total = f.get("total_tokens", 0)
         if not tokens_out and total > tokens_in:
@@ -1779,7 +1790,11 @@ def delta_chars(doc):
     choices = doc.get("choices")
     if isinstance(choices, list):
         for choice in choices:
-            d = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(choice, dict):
+                continue
+            if isinstance(choice.get("text"), str):   # legacy completions
+                total += len(choice["text"])
+            d = choice.get("delta")
             if not isinstance(d, dict):
                 continue
             total += sum(len(v) for k, v in d.items()
@@ -1794,16 +1809,56 @@ def delta_chars(doc):
 
 
 def decoder_for(encoding):
-    """A zlib decompressor for a Content-Encoding, None for identity, or
-    False for one the standard library cannot read."""
+    """An Inflater for a Content-Encoding, None for identity, or False for
+    one the standard library cannot read."""
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
         return None
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return zlib.decompressobj()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return Inflater(encoding != "deflate")
     return False
+
+
+class Inflater:
+    """Inflates a gzip or deflate body fed in pieces, like a zlib
+    decompressobj, and also as clients read what zlib alone does not: a
+    gzip body of several members one after another (each event
+    compressed on its own), and "deflate" sent raw, without the zlib
+    wrapper RFC 9110 asks for.  Raises zlib.error on bytes it cannot
+    read."""
+
+    def __init__(self, gzip):
+        self.gzip = gzip
+        self.obj = None
+        self.start = b""   # deflate: bytes held until the wrapper shows
+
+    def decompress(self, data, limit):
+        """What `data` inflates to, at most `limit` bytes; the rest of an
+        answer that inflates to more is dropped."""
+        out = []
+        while data and limit > 0:
+            if self.obj is None:
+                if self.gzip:
+                    wbits = 16 + zlib.MAX_WBITS
+                else:
+                    data = self.start + data
+                    if len(data) < 2:
+                        self.start = data
+                        break
+                    self.start = b""
+                    cmf, flg = data[0], data[1]
+                    wrapped = cmf & 0x0F == 8 and cmf >> 4 <= 7 and \
+                        (cmf * 256 + flg) % 31 == 0
+                    wbits = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+                self.obj = zlib.decompressobj(wbits)
+            piece = self.obj.decompress(data, limit)
+            out.append(piece)
+            limit -= len(piece)
+            data = b""
+            if self.obj.eof and self.gzip:
+                data = self.obj.unused_data   # the next member, if any
+                self.obj = None
+        return b"".join(out)
 
 
 def inflate(data, encoding):
@@ -2933,10 +2988,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if out:
                     self._write(frame(b"".join(out)))
                 if meter.error_event:
-                    # what was reported is charged; with nothing reported
-                    # after text was streamed, that text is estimated
-                    outcome = "aborted" if meter.output_chars and not \
-                        meter.reported() else "error"
+                    # text streamed before an error is charged at least
+                    # at its estimate: Anthropic's message_start reports
+                    # an output of 1 whatever follows
+                    outcome = "aborted" if meter.output_chars else "error"
                     break
             if resp.length and not meter.error_event:
                 broken = "The provider broke off the stream."  # cut short
@@ -2949,10 +3004,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ClientGone()
         if broken is None:
             self._upstream_done(ex)
-        if broken is None and not meter.error_event:
-            rest = splitter.flush()
-            if rest:
-                self._write(frame(rest))
+        rest = b"" if meter.error_event else splitter.flush()
+        # a last event with no blank line after it is still metered: its
+        # usage counts, and a usage chunk llmgate asked for stays hidden
+        shown = rest and meter.event(rest)
+        if broken is None and shown:
+            self._write(frame(rest))
         elif broken is not None:
             log("warning: provider %s: %s" % (ex.provider.name, broken))
             outcome = "aborted"

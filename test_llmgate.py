@@ -121,6 +121,9 @@ class Recorded:
         return json.loads(self.body)
 
 
+TEXTS = ["Hel", "lo", "!"]   # what the fake's streams say
+
+
 def sse(data, event=None):
     head = "event: %s\n" % event if event else ""
     return ("%sdata: %s\n\n" % (head, json.dumps(data))).encode()
@@ -233,6 +236,13 @@ class FakeProvider:
       output_totals  one Anthropic message_delta per running output total
       delta_usages   one Anthropic message_delta per usage object
       one_chunk      send a whole stream as a single chunk
+      line_end       end the lines of stream events with these bytes
+                     (b"\r", b"\r\n") instead of LF
+      gzip_members   gzip each stream event on its own: a body of many
+                     gzip members
+      raw_deflate    send streams as "deflate" without the zlib wrapper
+      open_end       the stream's last event lacks its blank line
+      texts          the text pieces a stream sends (default Hel, lo, !)
       responses_end  the Responses stream's last event type
       no_usage       report no usage at all
       until_gone     after a stream's events, go on (SSE comments) until
@@ -403,12 +413,24 @@ class FakeProvider:
 
     def stream(self, h, events, last=b""):
         mode = self.mode
+        events = list(events)
+        if mode.get("open_end"):
+            events[-1] = events[-1][:-1]   # "...}\n": no blank line
+        if "line_end" in mode:
+            events = [e.replace(b"\n", mode["line_end"]) for e in events]
         if mode.get("one_chunk"):
             events, last = [b"".join(events) + last], b""
         compressor = None
         headers = ()
         if mode.get("gzip"):
             compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+            headers = (("Content-Encoding", "gzip"),)
+        if mode.get("raw_deflate"):
+            compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+            headers = (("Content-Encoding", "deflate"),)
+        if mode.get("gzip_members"):
+            events = [gzip.compress(e) for e in events]
+            last = gzip.compress(last) if last else b""
             headers = (("Content-Encoding", "gzip"),)
         h.start_stream(headers)
         try:
@@ -451,7 +473,7 @@ class FakeProvider:
         base = {"id": "chatcmpl-1", "object": "chat.completion.chunk",
                 "model": doc.get("model")}
         with_usage = (doc.get("stream_options") or {}).get("include_usage")
-        for i, text in enumerate(["Hel", "lo", "!"]):
+        for i, text in enumerate(self.mode.get("texts", TEXTS)):
             if self.mode.get("chat_error_after") == i:
                 yield sse({"error": {"message": "overloaded",
                                      "type": "server_error"}})
@@ -492,7 +514,7 @@ class FakeProvider:
         yield ev("response.content_part.added", item_id="msg_1",
                  output_index=0, content_index=0,
                  part={"type": "output_text", "text": ""})
-        for text in ["Hel", "lo", "!"]:
+        for text in self.mode.get("texts", TEXTS):
             yield ev("response.output_text.delta", item_id="msg_1",
                      output_index=0, content_index=0, delta=text)
         yield ev("response.output_text.done", item_id="msg_1",
@@ -518,7 +540,7 @@ class FakeProvider:
                  "content_block": {"type": "text", "text": ""}},
                 "content_block_start"),
             sse({"type": "ping"}, "ping")]
-        for text in ["Hel", "lo", "!"]:
+        for text in self.mode.get("texts", TEXTS):
             events.append(sse({"type": "content_block_delta", "index": 0,
                                "delta": {"type": "text_delta", "text": text}},
                               "content_block_delta"))
@@ -1410,6 +1432,17 @@ class BillingTest(GatewayTest):
         self.assertEqual(total, 59)
         self.assertEqual(self.usage("bob"), 0)
 
+    def test_cache_figures_beside_prompt_tokens_are_not_added(self):
+        # an OpenAI-compatible server fronting Anthropic (LiteLLM) reports
+        # cache figures that its prompt_tokens already include
+        self.fake.mode = {"answer": {"usage": {
+            "prompt_tokens": 1000, "completion_tokens": 50,
+            "total_tokens": 1050, "cache_read_input_tokens": 800,
+            "cache_creation_input_tokens": 100}}}
+        self.assertEqual(call(self.port, "POST", CHAT_PATH, CHAT).status,
+                         200)
+        self.assertEqual(self.usage(), 1050)
+
     def test_streamed_responses_billed_from_each_final_event(self):
         ends = ["response.completed", "response.incomplete",
                 "response.failed"]
@@ -1472,6 +1505,92 @@ class BillingTest(GatewayTest):
         self.assertEqual(reply.events()[-1][0], "response.completed")
         self.assertEqual(self.usage(), 18 + 29)
         self.assert_clean_logs()
+
+    def test_a_last_event_without_its_blank_line_is_billed(self):
+        # the provider ends the stream right after a final event's data
+        # line: its usage still counts, and a usage chunk llmgate asked
+        # for still stays hidden
+        self.fake.mode = {"open_end": True}
+        reply = call(self.port, "POST", "/v1/responses",
+                     {"model": "gpt-4o", "input": "hi", "stream": True})
+        self.assertEqual(reply.status, 200)
+        self.assertTrue(reply.body.endswith(b"}\n"), reply.body[-20:])
+        self.assertEqual(reply.events()[-1][0], "response.completed")
+        self.assertEqual(self.usage(), RESPONSES_TOTAL)
+        # a chat stream that ends on the usage chunk, no [DONE]
+        chunks = [sse({"choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+                  sse({"choices": [], "usage": CHAT_USAGE})[:-1]]
+        self.fake.mode = {"raw": [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"] +
+            [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks] +
+            [b"0\r\n\r\n"]}
+        reply = call(self.port, "POST", "/v1/chat/completions",
+                     dict(CHAT, stream=True))
+        self.assertEqual(reply.body, chunks[0])
+        self.assertEqual(self.usage(), RESPONSES_TOTAL + CHAT_TOTAL)
+        line = self.wait_log_lines(2)[-1]
+        self.assertFalse(line.endswith(" aborted"), line)
+
+    def test_streams_with_any_line_ending_are_split_and_billed(self):
+        # the SSE spec allows CRLF, LF and CR alone; each event must go
+        # out on its own (the fake holds after the first), be metered,
+        # and the usage chunk llmgate asked for stay hidden
+        for line_end in (b"\r", b"\r\n"):
+            with self.subTest(line_end=line_end):
+                before = self.usage()
+                hold = threading.Event()
+                self.fake.mode = {"line_end": line_end,
+                                  "hold_after": (1, hold)}
+                s = open_request(self.port, CHAT_PATH,
+                                 dict(CHAT, stream=True), close=True)
+                with s:
+                    first = b'"assistant"}, "finish_reason": null}]}' + \
+                        line_end * 2
+                    buf, _ = receive(s, done=lambda b: first in b)
+                    self.assertIn(first, bytes(buf))   # before the rest
+                    hold.set()
+                    buf, closed = receive(s, buf)
+                self.assertTrue(closed)
+                reply, ended = dechunk(buf)
+                self.assertTrue(ended)
+                self.assertNotIn(b'"usage"', reply.body)
+                # four chunks in the fake's line ending; [DONE] in LF
+                self.assertEqual(reply.body.count(line_end * 2), 4)
+                self.assertTrue(reply.body.endswith(b"data: [DONE]\n\n"))
+                self.assertEqual(self.usage() - before, CHAT_TOTAL)
+
+    def test_compressed_streams_as_clients_read_them(self):
+        # gzip in one member per event, and deflate without its zlib
+        # wrapper: both are read whole, as urllib3 and browsers read them
+        for mode in ("gzip_members", "raw_deflate"):
+            with self.subTest(mode=mode):
+                before = self.usage()
+                self.fake.mode = {mode: True}
+                reply = call(self.port, "POST", "/v1/messages",
+                             dict(MESSAGES, stream=True))
+                self.assertEqual(reply.status, 200)
+                self.assertEqual(reply.names(), ANTHROPIC_EVENTS)
+                self.assertEqual(self.usage() - before, ANTHROPIC_TOTAL)
+        self.assertNotIn("broke off", self.logs.text())
+
+    def test_streamed_legacy_completion_text_is_estimated(self):
+        # a completion stream cut off before any usage: its text (in
+        # choices[].text, not a delta) is estimated like any other
+        chunks = [sse({"object": "text_completion",
+                       "choices": [{"index": 0, "text": "x" * 400}]})
+                  for _ in range(3)]
+        self.fake.mode = {"raw": [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"] +
+            [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks]}
+        prompt = "Say hi"
+        reply = call(self.port, "POST", "/v1/completions", {
+            "model": "gpt-3.5-turbo-instruct", "prompt": prompt,
+            "max_tokens": 500, "stream": True})
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(self.usage(), est_tokens(
+            "gpt-3.5-turbo-instruct", prompt) + 300)
 
     def broken_stream(self, path, body, after):
         self.fake.mode = {"break_after": after}
@@ -3229,6 +3348,16 @@ class AnthropicTest(GatewayTest):
         # input, both caches and its output_tokens of 1
         self.assertEqual(self.usage(), ANTHROPIC_INPUT + 1)
         self.assertEqual(self.usage("bob"), 0)
+
+    def test_text_before_an_error_event_is_billed_at_its_estimate(self):
+        # message_start reports an output of 1 whatever follows: text
+        # streamed before the error counts at least at its estimate
+        self.fake.mode = {"error_after": 4, "texts": ["y" * 4000]}
+        reply = call(self.port, "POST", "/v1/messages",
+                     dict(MESSAGES, stream=True))
+        self.assertEqual(reply.names(), ANTHROPIC_EVENTS[:4] + ["error"])
+        self.assertEqual(self.usage(), ANTHROPIC_INPUT + 1000)
+        self.assertTrue(self.wait_log_lines(1)[0].endswith(" aborted"))
 
     def test_error_event_ends_the_stream_within_one_read(self):
         # a provider may put several events in one chunk: nothing after
