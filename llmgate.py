@@ -107,6 +107,8 @@ LISTEN_BACKLOG = 1024          # accept queue, for bursts of new streams
 POOL_IDLE_MAX = 64             # idle provider connections kept per provider
 POOL_IDLE_TIMEOUT_S = 30.0     # idle provider connections older are closed
 POOL_FRESH_S = 1.0             # younger idle ones are reused unchecked
+STALE_RETRY_S = 0.1            # a reused connection that fails this soon
+#                                after the request went out was stale
 RECV_BYTES = 65536             # one socket read
 HOLD_BODY_BYTES = 8 * 1024 * 1024   # plain answers up to this are billed
 #                                     before they are sent, whole
@@ -122,6 +124,7 @@ RPM_WINDOW_S = 60              # the window of the rpm limit
 SHUTDOWN_GRACE_S = 30.0        # SIGTERM waits this long for requests
 CONFIG_POLL_S = 1.0            # how often the config file is looked at
 STATE_SYNC_TIMEOUT_S = 5.0     # a request waits this long for its save
+STATE_RETRY_S = 1.0            # a failed save is tried again after this
 WATCH_POLL_S = 1.0             # the disconnect watcher's wake-up period
 MAX_LOG_FIELD_CHARS = 120      # a model name or path in the log is cut here
 MAX_FORM_PARTS = 1000          # parts of a multipart body; uploads have few
@@ -163,28 +166,33 @@ GENERATION_SUFFIXES = ("/chat/completions", "/completions", "/responses",
 FREE_SUFFIXES = ("/count_tokens",)   # never charged, never reserved
 OUTPUT_FIELDS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
 
-SAFE_FIELD_RE = re.compile(r"^[\x21-\x7e]+$")
+SAFE_FIELD_RE = re.compile(r"[\x21-\x7e]+\Z")
 UNSAFE_CHAR_RE = re.compile(r"[^\x21-\x7e]")
 CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
-TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # every header line of a request head at once: a token, a colon, then no
 # CR, LF or NUL (RFC 9112 section 5; obsolete line folding is refused)
 HEADER_LINES_RE = re.compile(
     r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*"
     r"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*)*\Z")
 ENV_RE = re.compile(r"\$\{([^}]*)\}")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+HEX64_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 DEPLOYMENT_RE = re.compile(r"^/openai/deployments/([^/]+)/")
 JSON_START_RE = re.compile(rb"\s*\{")
 MULTI_SLASH_RE = re.compile(r"/{2,}")
-DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 THREE_DIGITS_RE = re.compile(r"[0-9]{3}\Z")   # a status code
+# an ISO 8601 date, or date and time with optional fraction and zone
+EXPIRY_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[Tt ]([0-9]{2}):([0-9]{2})"
+    r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?)?"
+    r"(Z|z|[+-][0-9]{2}(?::?[0-9]{2})?)?\Z")
 # the end of a server-sent event: a line ending, then an empty line; a CR
 # is one unless an LF follows it
 EVENT_END_RE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 # a chunk-size line: hex size, optional extensions, no bare CR or LF
-CHUNK_LINE_RE = re.compile(rb"^[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?\Z")
+CHUNK_LINE_RE = re.compile(rb"[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?\Z")
 BOUNDARY_RE = re.compile(
     r';\s*boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 
@@ -560,22 +568,30 @@ def get_patterns(obj, key, where):
 def parse_expiry(value, where):
     """An ISO date or date-time as a Unix time.  A bare date means the key
     stops working at 00:00 UTC that day."""
-    if not isinstance(value, str):
-        raise ConfigError("%s must be an ISO date such as 2027-01-31" % where)
-    text = value.strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
+    bad = ConfigError("%s must be an ISO date such as 2027-01-31 or "
+                      "2027-01-31T18:00:00Z" % where)
+    # read here, not by fromisoformat, which reads less before 3.11
+    match = EXPIRY_RE.match(value.strip()) if isinstance(value, str) \
+        else None
+    if not match:
+        raise bad
+    y, mo, d, h, mi, s, frac, zone = match.groups()
     try:
-        if len(text) == 10:
-            moment = datetime.datetime.strptime(text, "%Y-%m-%d")
-        else:
-            moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError("%s must be an ISO date such as 2027-01-31 or "
-                          "2027-01-31T18:00:00Z" % where)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
+        moment = datetime.datetime(
+            int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0),
+            int((frac or "0")[:6].ljust(6, "0")),
+            tzinfo=datetime.timezone.utc)
+    except ValueError:   # 2027-02-30, 25:00
+        raise bad
+    offset = 0
+    if zone and zone.upper() != "Z":
+        digits = zone[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+        if hours > 23 or minutes > 59:
+            raise bad
+        offset = (hours * 3600 + minutes * 60) * (-1 if zone[0] == "-"
+                                                  else 1)
+    return moment.timestamp() - offset
 
 
 def key_digest(key):
@@ -736,13 +752,14 @@ def parse_config(data, base_dir, environ):
     users = data.get("users")
     if not isinstance(users, list):
         raise ConfigError("users must be a list")
-    names = set()
+    names = {}   # name -> index
     for i, raw in enumerate(users):
         where = "users[%d]" % i
         user = parse_user(raw, where)
         if user.name in names:
-            raise ConfigError("%s.name %r is used twice" % (where, user.name))
-        names.add(user.name)
+            raise ConfigError("%s.name repeats the name of users[%d]"
+                              % (where, names[user.name]))
+        names[user.name] = i
         for field, digest in user.digests:
             if digest in config.by_digest:
                 raise ConfigError("%s: the same key is configured twice"
@@ -841,6 +858,7 @@ class Ledger:
         self.saved_version = 0  # the version the state file holds
         self.stopping = False
         self.writer = None
+        self.save_error = None   # why the last save failed, or None
         self.clock = time.time   # tests move time forward through this
 
     def window_of(self, now):
@@ -949,6 +967,13 @@ class Ledger:
         empty; a corrupt or unreadable one raises ConfigError."""
         if not self.state_path:
             return
+        folder = os.path.dirname(os.path.abspath(self.state_path))
+        if not os.path.isdir(folder):
+            raise ConfigError("the folder of state file %s does not exist"
+                              % self.state_path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("the folder of state file %s is not "
+                              "writable" % self.state_path)
         try:
             with open(self.state_path, "rb") as f:
                 raw = f.read()
@@ -1016,10 +1041,21 @@ class Ledger:
             try:
                 self.save()
             except OSError as exc:
-                log("error: cannot save state file %s: %s; retrying"
-                    % (self.state_path, exc))
-                with self.lock:
-                    self.changed.wait(1.0)
+                self.save_error = exc.strerror or str(exc)
+                if self.stopping:
+                    return   # stop() reports it
+                log("error: cannot save state file %s: %s; retrying in "
+                    "%g s" % (self.state_path, self.save_error,
+                              STATE_RETRY_S))
+                retry = time.monotonic() + STATE_RETRY_S
+                with self.lock:   # charges notify; they do not hurry this
+                    while not self.stopping:
+                        left = retry - time.monotonic()
+                        if left <= 0:
+                            break
+                        self.changed.wait(left)
+            else:
+                self.save_error = None
 
     def wait_saved(self, version, timeout=STATE_SYNC_TIMEOUT_S):
         """Block until the state file holds `version`, at most `timeout`
@@ -1036,14 +1072,19 @@ class Ledger:
         return True
 
     def stop(self):
-        """Stop the writer after a final save."""
+        """Have the writer make its final save and wait for it, at most
+        STATE_SYNC_TIMEOUT_S.  Returns why the usage could not be saved,
+        or None."""
         with self.lock:
             self.stopping = True
             self.changed.notify_all()
-        if self.writer is not None:
-            self.writer.join(STATE_SYNC_TIMEOUT_S)
-        if self.state_path:
-            self.save()
+        if self.writer is None:
+            return None
+        self.writer.join(STATE_SYNC_TIMEOUT_S)
+        if self.writer.is_alive():
+            return "the last save did not finish within %g s" % \
+                STATE_SYNC_TIMEOUT_S
+        return self.save_error
 
 
 def parse_state(raw, path):
@@ -1146,9 +1187,12 @@ def estimate(doc, path, config):
         return tokens_in, tokens_in
     cap = output_cap(doc)
     out = config.reserve_output if cap is None else cap
-    n = doc.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        out *= n
+    # legacy completions generate best_of candidates, n of them shown
+    copies = [doc.get(k) for k in ("n", "best_of")]
+    copies = [c for c in copies if isinstance(c, int) and
+              not isinstance(c, bool) and c > 1]
+    if copies:
+        out *= max(copies)
     return tokens_in, tokens_in + out
 
 
@@ -1373,9 +1417,13 @@ def read_answer(sock, method):
     than all the rest the gateway does to a request.  Raises OSError or
     http.client.HTTPException."""
     buf = bytearray()
+    interim = 0   # bytes of 1xx heads: bounded like one head
     while True:
-        version, status, reason, pairs = parse_answer_head(
-            read_head(sock, buf))
+        head = read_head(sock, buf)
+        interim += len(head)
+        if interim > MAX_HEADER_BYTES:
+            raise http.client.LineTooLong("1xx answer heads")
+        version, status, reason, pairs = parse_answer_head(head)
         if status == http.client.SWITCHING_PROTOCOLS:
             raise http.client.HTTPException("the provider switched "
                                             "protocols")
@@ -2011,8 +2059,11 @@ class Exchange:
         else:
             self.kind = "chat"
         self.generation = is_generation(kind)
-        self.free = kind.endswith(FREE_SUFFIXES) or \
-            method not in WRITE_METHODS
+        # free only if free however the path is read: decoded
+        # (/v1/chat/completions%2Fcount_tokens) it may be a count to
+        # llmgate and a generation to a provider
+        self.free = (kind.endswith(FREE_SUFFIXES) and path.rstrip(
+            "/").endswith(FREE_SUFFIXES)) or method not in WRITE_METHODS
         self.meter = Meter()
         self.estimate_in = 0
         self.reservation = None
@@ -2146,7 +2197,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception:
             self.close_connection = True
             log("error: unexpected failure on %s %s:\n%s" % (
-                clean_field(self.command), clean_field(self.path),
+                clean_field(self.command),
+                clean_field((self.path or "").split("?", 1)[0]),
                 traceback.format_exc().rstrip()))
             if not self.started:
                 self._refuse(Refusal("internal_error",
@@ -2161,8 +2213,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout()
-            if self.sock_timeout is None or left + TIMEOUT_SLACK_S < \
-                    self.sock_timeout:
+            if self.sock_timeout is None or abs(
+                    left - self.sock_timeout) > TIMEOUT_SLACK_S:
                 self._set_timeout(left)
             try:
                 data = self.connection.recv(RECV_BYTES)
@@ -2546,7 +2598,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         key = None
         auth = h.get("authorization")
         if auth and auth[:7].lower() == "bearer ":
-            key = auth[7:].strip()
+            key = auth[7:].strip(" \t")   # not str.strip: 0xA0 is a byte
         if not key:
             key = h.get("x-api-key") or h.get("api-key")
         if not key:
@@ -2579,7 +2631,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Refusal("method_not_allowed", "Use GET %s." % USAGE_PATH)
         ledger = self.server.gateway.ledger
         params = urllib.parse.parse_qs(query)
-        if params.get("all", ["0"])[-1] not in ("", "0", "false"):
+        if params.get("all", ["0"])[-1].lower() not in ("", "0", "false"):
             if not user.admin:
                 raise Refusal("not_admin", "Only an admin may see every "
                               "user's usage.")
@@ -2653,7 +2705,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if ask_for_usage(doc, kind):
                 ex.meter.hide_usage_chunk = changed = True
             if changed:
-                body = encode_json(doc)
+                try:
+                    body = encode_json(doc)
+                except RecursionError:   # json reads a level deeper
+                    raise Refusal("invalid_json", "The request body is "
+                                  "nested too deeply.")
         ex.estimate_in, amount = estimate(doc, kind, config)
         if ex.free and not kind.endswith(FREE_SUFFIXES):
             amount = 0    # a read: nothing to reserve
@@ -2707,6 +2763,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 # names and values were checked when the request was read
                 conn.sock.sendall(head + body)
                 ex.sent = True
+                sent_at = time.monotonic()
                 resp = read_answer(conn.sock, self.command)
                 return conn, resp
             except socket.timeout:
@@ -2720,9 +2777,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 conn.close()
                 if ex.client_gone:
                     raise ClientGone()
+                # a connection the provider had closed while it idled
+                # fails at once, without a byte of answer: the request
+                # goes again on a new one.  Later, the provider may have
+                # worked on it, and a second generation would be paid
+                # twice: the client gets a 502 and decides
                 if reused and attempt == 0 and isinstance(exc, (
-                        ConnectionError, http.client.RemoteDisconnected,
-                        http.client.BadStatusLine)):
+                        ConnectionError, http.client.RemoteDisconnected)) \
+                        and (not ex.sent or time.monotonic() - sent_at <
+                             STALE_RETRY_S):
                     ex.sent = False
                     continue
                 raise UpstreamError("upstream_unreachable", "The provider "
@@ -2746,7 +2809,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                                        body)
             except UpstreamError as exc:
                 log("warning: provider %s: %s" % (provider.name, exc))
-                gateway.ledger.settle(ex.reservation, 0)
+                if exc.code == "upstream_timeout" and ex.sent:
+                    # it had the request and may still be working on it
+                    self._settle(ex, "aborted")
+                else:
+                    gateway.ledger.settle(ex.reservation, 0)
                 raise Refusal(exc.code, str(exc))
             self._relay(ex, ex.resp)
         finally:
@@ -2788,7 +2855,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         cannot shut the connection, and its next request finds it."""
         self.exchange = None
         conn, resp = ex.conn, ex.resp
-        if ex.detach() and resp.isclosed() and not resp.will_close \
+        # http.client's read1 leaves a response open at the end of its
+        # Content-Length: none of it is left all the same
+        ended = resp.isclosed() or (not resp.chunked and resp.length == 0)
+        if ex.detach() and ended and not resp.will_close \
                 and conn.sock is not None:
             ex.conn = None
             ex.provider.pool.release(conn)
@@ -3104,6 +3174,7 @@ class Gateway:
         self.reloads = 0   # reload attempts, good or bad, for waiters
         self.stopped = threading.Event()
         self.config_stamp = config_stamp(config.path)
+        self.save_error = None   # why the final save failed, if it did
 
     def enter(self):
         with self.busy_lock:
@@ -3206,7 +3277,7 @@ class Gateway:
             while self.busy and time.monotonic() < deadline:
                 self.busy_lock.wait(max(0.01, deadline - time.monotonic()))
             left = self.busy
-        self.ledger.stop()
+        self.save_error = self.ledger.stop()
         self.watcher.close()
         for p in self.config.providers:
             p.pool.close()
@@ -3314,8 +3385,11 @@ def serve(args):
     log("stopping: waiting up to %d s for requests in flight"
         % SHUTDOWN_GRACE_S)
     left = gateway.stop()
+    if gateway.save_error:
+        log("error: usage not saved to %s: %s" % (config.state_path,
+                                                 gateway.save_error))
     log("stopped%s" % (" with %d requests cut off" % left if left else ""))
-    return 0
+    return 1 if gateway.save_error else 0
 
 
 def usage_table(args):

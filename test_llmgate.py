@@ -221,6 +221,8 @@ class FakeProvider:
       hold_after     (n, Event): send n events, wait for the Event
       status         (code, doc): answer with this error instead
       early_hints    send a 103 Early Hints before the answer
+      drop           this many requests get their connection closed
+                     without a word of answer; later ones are answered
       raw            bytes written as the whole answer, in pieces when a
                      list, each flushed; the connection is then kept if
                      `raw_keep` is set, else closed
@@ -320,6 +322,9 @@ class FakeProvider:
             h.wfile.write(b"HTTP/1.1 103 Early Hints\r\n"
                           b"Link: </a.css>; rel=preload\r\n\r\n")
             h.wfile.flush()
+        if mode.get("drop"):
+            mode["drop"] -= 1
+            return h.break_connection()
         if "raw" in mode:
             pieces = mode["raw"]
             for piece in pieces if isinstance(pieces, list) else [pieces]:
@@ -2078,8 +2083,13 @@ class RefusalTest(GatewayTest):
         self.assert_error(reply.json(), "upstream_timeout", "api_error")
         self.assertGreaterEqual(elapsed, 0.25)
         self.assertLess(elapsed, 3.0)
-        self.assertEqual(self.usage(), 0)
+        # the provider had the request and may still be working on it:
+        # its input estimate is charged, as for a hung-up client
+        self.assertEqual(self.usage(), est_tokens("gpt-4o", "user", "hi"))
         self.assertEqual(self.reserved(), 0)
+        self.assertRegex(self.wait_log_lines(1)[0],
+                         r" status=504 in=3 out=0 ms=[0-9.]+ "
+                         r"ttfb=[0-9.]+ aborted\Z")
         self.assert_clean_logs()
         release.set()
         self.assertTrue(answered.wait(TIMEOUT))   # the fake is done
@@ -2349,7 +2359,7 @@ class CommandLineTest(unittest.TestCase):
         same_key[1]["apiKey"] = ALICE_KEY
         self.assert_config_errors([
             (cli_config(users=same_name),
-             "users[1].name 'alice' is used twice"),
+             "users[1].name repeats the name of users[0]"),
             (cli_config(users=same_key),
              "users[1].apiKey: the same key is configured twice")])
 
@@ -2575,6 +2585,31 @@ class HardeningTest(GatewayTest):
                 self.assert_openai_error(reply, 502, "api_error",
                                          "upstream_unreachable")
 
+    def test_a_request_the_provider_may_have_worked_on_is_not_sent_again(
+            self):
+        # on a kept-alive connection the provider takes the request, then
+        # closes it unanswered: past STALE_RETRY_S (here 0) it may have
+        # generated, so it is a 502, not a second generation
+        self.assertEqual(call(self.port, "POST", CHAT_PATH, CHAT).status,
+                         200)
+        self.fake.mode = {"drop": 1}
+        with mock.patch.object(llmgate, "STALE_RETRY_S", 0):
+            reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assert_openai_error(reply, 502, "api_error",
+                                 "upstream_unreachable")
+        self.assertEqual(self.fake.count(), 2)
+        # the same failure within STALE_RETRY_S is a stale connection: the
+        # request goes again, on a new one
+        self.fake.mode = {}
+        self.assertEqual(call(self.port, "POST", CHAT_PATH, CHAT).status,
+                         200)
+        self.fake.mode = {"drop": 1}
+        with mock.patch.object(llmgate, "STALE_RETRY_S", TIMEOUT):
+            reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(self.fake.count(), 5)
+        self.assertEqual(self.usage(), 3 * CHAT_TOTAL)
+
     def test_a_provider_that_closes_without_a_word_is_a_502(self):
         for data in (b"", b"HTTP/1.1 200 OK\r\nContent-Ty"):
             with self.subTest(data=data):
@@ -2728,6 +2763,90 @@ class HardeningTest(GatewayTest):
         self.assertEqual(status_of(bytes(buf)), 200)
         self.assertEqual(seen[0], (b"HTTP/1.1 100", False))
         self.assertEqual(seen[1], (b"HTTP/1.1 200", True))
+
+    def test_a_line_feed_never_splits_a_log_line(self):
+        # `$` would match before a final LF: the method, path and model
+        # must not carry one into the log
+        raw, _ = raw_exchange(self.port, b"GET\n /healthz HTTP/1.1\r\n"
+                              b"Host: gw\r\nConnection: close\r\n\r\n")
+        self.assertEqual(status_of(raw), 400)
+        reply = call(self.port, "POST", CHAT_PATH,
+                     dict(CHAT, model="gpt-4o\n"))
+        self.assertEqual(reply.status, 200)
+        lines = self.wait_log_lines(2)
+        self.assertEqual(len(self.logs.text().splitlines()), 2, lines)
+        self.assertIn(" status=400 ", lines[0])   # refused unparsed
+        self.assertIn(" model=gpt-4o? ", lines[1])
+
+    def test_a_body_too_deep_to_rewrite_is_a_400(self):
+        # json reads a level or so deeper than it writes; a stream that
+        # llmgate must rewrite (include_usage) finds the difference
+        for depth in range(950, 1000):
+            nested = '{"a": ' * depth + "1" + "}" * depth
+            body = ('{"model": "gpt-4o", "stream": true, "messages": [], '
+                    '"x": %s}' % nested).encode()
+            reply = call(self.port, "POST", CHAT_PATH + "?k=s3cret-query",
+                         body, {"Content-Type": "application/json"})
+            self.assertIn(reply.status, (200, 400), depth)
+            if reply.status == 400:
+                self.assertEqual(reply.json()["error"]["code"],
+                                 "invalid_json")
+        self.assertNotIn("Traceback", self.logs.text())
+        self.assertNotIn("s3cret-query", self.logs.text())
+
+    def test_a_flood_of_early_hints_is_a_502(self):
+        hint = b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+        body = json.dumps({"usage": CHAT_USAGE}).encode()
+        self.fake.mode = {"raw": [hint * 400] * 4 + [self.raw_answer(
+            [b"HTTP/1.1 200 OK", b"Content-Length: %d" % len(body)],
+            body)]}
+        reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assert_openai_error(reply, 502, "api_error",
+                                 "upstream_unreachable")
+        # a few hints are skipped as before
+        self.fake.mode = {"raw": [hint * 3 + self.raw_answer(
+            [b"HTTP/1.1 200 OK", b"Content-Length: %d" % len(body)],
+            body)]}
+        self.assertEqual(call(self.port, "POST", CHAT_PATH, CHAT).body,
+                         body)
+
+    def test_a_long_wait_never_spins_on_a_short_timeout(self):
+        # a head finished just before its deadline left a tiny timeout on
+        # the socket; the next wait must not poll with it
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        calls = []
+
+        class Counting:
+            def recv(self, n):
+                calls.append(n)
+                return a.recv(n)
+
+            def settimeout(self, t):
+                a.settimeout(t)
+        handler = llmgate.Handler.__new__(llmgate.Handler)
+        handler.connection = Counting()
+        handler.inbuf = bytearray()
+        handler.sock_timeout = None
+        handler._set_timeout(0.005)
+        with mock.patch.object(llmgate, "TIMEOUT_SLACK_S", 0.05), \
+                self.assertRaises(socket.timeout):
+            handler._recv(time.monotonic() + 0.3)
+        self.assertLessEqual(len(calls), 3)
+
+    def test_a_count_only_when_every_reading_says_so(self):
+        # decoded, this path ends in /count_tokens; a provider that does
+        # not decode %2F serves chat: it is reserved and charged
+        for path, charged in (("/v1/chat/completions%2Fcount_tokens",
+                               CHAT_TOTAL), ("/v1/messages/count_tokens",
+                                             0)):
+            with self.subTest(path=path):
+                before = self.usage()
+                self.fake.mode = {"answer": {"usage": CHAT_USAGE}}
+                reply = call(self.port, "POST", path, CHAT)
+                self.assertEqual(reply.status, 200)
+                self.assertEqual(self.usage() - before, charged)
 
     def test_an_answer_cut_short_is_not_taken_for_whole(self):
         with mock.patch.object(llmgate, "HOLD_BODY_BYTES", 1000):
@@ -3992,6 +4111,16 @@ class EstimateTest(unittest.TestCase):
                                           CHAT_PATH, self.config), (3, 303))
         self.assertEqual(llmgate.estimate(dict(CHAT, n=2), CHAT_PATH,
                                           self.config), (3, 3 + 2 * 4096))
+        # legacy completions generate best_of candidates, and bill them
+        doc = {"model": "m", "prompt": "p" * 7, "max_tokens": 100}
+        path = "/v1/completions"
+        tokens_in = llmgate.estimate(doc, path, self.config)[0]
+        for extra, out in (({"best_of": 20}, 2000),
+                           ({"best_of": 5, "n": 2}, 500),
+                           ({"best_of": True, "n": 8.5}, 100)):
+            self.assertEqual(llmgate.estimate(dict(doc, **extra), path,
+                                              self.config),
+                             (tokens_in, tokens_in + out))
 
     def test_estimate_default_output_reserve(self):
         self.assertEqual(llmgate.RESERVE_OUTPUT_TOKENS, 4096)
@@ -4412,6 +4541,75 @@ class DurableTest(Issue4Test):
         with open(os.path.join(self.dir, "usage.json")) as f:
             return json.load(f)
 
+    def test_a_final_save_that_fails_is_reported_not_raised(self):
+        folder = os.path.join(self.dir, "state")
+        os.mkdir(folder)
+        ledger = llmgate.Ledger(LONG_PERIOD, os.path.join(folder, "u.json"))
+        ledger.start_writer()
+        user = llmgate.User("alice")
+        user.tokens = 1000
+        ledger.settle(ledger.admit(user, 10), 7)
+        self.assertTrue(ledger.wait_saved(ledger.version))
+        shutil.rmtree(folder)   # a lost volume, say
+        ledger.settle(ledger.admit(user, 10), 5)   # not saved yet
+        self.assertEqual(ledger.stop(), "No such file or directory")
+        self.assertFalse(ledger.writer.is_alive())
+        self.assertNotIn("Traceback", self.logs.text())
+
+    def test_a_failed_save_is_retried_once_a_second_not_per_charge(self):
+        folder = os.path.join(self.dir, "state")
+        os.mkdir(folder)
+        ledger = llmgate.Ledger(LONG_PERIOD, os.path.join(folder, "u.json"))
+        user = llmgate.User("alice")
+        user.tokens = 10 ** 6
+        saves = []
+        save = ledger.save
+
+        def failing_save():
+            saves.append(time.monotonic())
+            raise OSError(28, "No space left on device")
+        ledger.save = failing_save
+        ledger.start_writer()
+        self.addCleanup(ledger.stop)
+        for _ in range(50):   # each charge wakes the writer
+            ledger.settle(ledger.admit(user, 1), 1)
+        self.assertFalse(ledger.wait_saved(ledger.version, timeout=0.3))
+        self.assertEqual(len(saves), 1)
+        self.assertIn("error: cannot save state file %s: No space left on "
+                      "device; retrying in 1 s" % ledger.state_path,
+                      self.logs.text())
+        ledger.save = save   # the disk is back: the retry saves all
+        self.assertTrue(ledger.wait_saved(ledger.version, timeout=TIMEOUT))
+        self.assertIsNone(ledger.stop())
+
+    def test_serve_exits_1_when_the_usage_could_not_be_saved(self):
+        path = self.write_config(self.durable_doc())
+        handlers = {}
+        installed = threading.Event()
+
+        def fake_signal(signum, handler):
+            handlers[signum] = handler
+            if signum == signal.SIGTERM:
+                installed.set()
+        done = []
+        with mock.patch.object(llmgate.Ledger, "stop",
+                               return_value="Read-only file system"), \
+                mock.patch.object(llmgate, "raise_fd_limit"), \
+                mock.patch("signal.signal", side_effect=fake_signal):
+            thread = threading.Thread(target=lambda: done.append(
+                llmgate.main(["--config", path, "--port", "0"])),
+                daemon=True)
+            thread.start()
+            self.assertTrue(installed.wait(TIMEOUT))
+            self.logs.wait(lambda text: "listening on" in text)
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+            thread.join(TIMEOUT)
+        self.assertEqual(done, [1])
+        self.assertIn("error: usage not saved to %s: Read-only file system"
+                      % os.path.join(self.dir, "usage.json"),
+                      self.logs.text())
+        self.assertNotIn("Traceback", self.logs.text())
+
     def test_usage_survives_sigkill(self):
         path = self.write_config(self.durable_doc(), "sub.json")
         elsewhere = tempfile.mkdtemp(prefix="llmgate-cwd-")
@@ -4548,6 +4746,16 @@ class DurableTest(Issue4Test):
         ledger = llmgate.Ledger(3600, state_path)   # missing: starts empty
         ledger.load()
         self.assertEqual(ledger.accounts, {})
+        # a folder that is not there: every save would fail, so start-up
+        # and --check refuse it
+        doc = self.durable_doc()
+        doc["stateFile"] = "gone/usage.json"
+        path = self.write_config(doc, "gone.json")
+        result = run_script(["--config", path, "--check"])
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, "llmgate: the folder of state file "
+                         "%s does not exist\n"
+                         % os.path.join(self.dir, "gone", "usage.json"))
 
     def test_sigterm_waits_for_a_stream_then_saves(self):
         path = self.write_config(self.durable_doc(), "sub.json")
@@ -5015,8 +5223,18 @@ class ControlsTest(Issue4Test):
         self.assertEqual(self.fake.count(), 0)
         self.alice(expires="2999-12-31")
         self.assertEqual(call(self.port, "POST", CHAT_PATH, CHAT).status, 200)
-        with self.assertRaises(llmgate.ConfigError):
-            llmgate.parse_expiry("next tuesday", "users[0].expires")
+        for bad in ("next tuesday", "2027-02-30", "2027-01-31T25:00",
+                    "2027-01-31T18:00+24:00", "2027-1-31", 20270131):
+            with self.assertRaises(llmgate.ConfigError, msg=bad):
+                llmgate.parse_expiry(bad, "users[0].expires")
+        # read alike on every Python: fractions, offsets, no seconds
+        for text, moment in (
+                ("2027-01-31", 1801353600),
+                ("2027-01-31T18:00:00.5Z", 1801418400.5),
+                ("2027-01-31T18:00", 1801418400),
+                ("2027-01-31 18:00:00+05:30", 1801418400 - 19800),
+                ("2027-01-31T18:00:00-0800", 1801418400 + 28800)):
+            self.assertEqual(llmgate.parse_expiry(text, "x"), moment, text)
 
     def test_disabled(self):
         self.alice(disabled=True)
@@ -5062,6 +5280,18 @@ class KeysTest(Issue4Test):
         self.assertEqual(llmgate.config_warnings(self.gateway.config)[:1], [
             "1 user(s) have plaintext keys in the config (bob); "
             "`llmgate.py keygen NAME` makes a hashed one"])
+
+    def test_a_key_ending_in_a_latin_1_space_byte_works_as_bearer(self):
+        # "voil\u00e0" ends in the bytes C3 A0; A0 is not whitespace in a
+        # header, however str.strip reads it
+        key = "secret-key-voil\u00e0"
+        doc = self.config()
+        doc["users"][0]["apiKey"] = key
+        self.restart(doc)
+        sent = key.encode("utf-8").decode("latin-1")
+        raw, _ = raw_exchange(self.port, request(
+            "GET", llmgate.USAGE_PATH, [("Connection", "close")], key=sent))
+        self.assertEqual(status_of(raw), 200, raw[:200])
 
     def test_keygen(self):
         result = run_script(["keygen", "carol", "--tokens", "500"])
@@ -5181,8 +5411,9 @@ class AdminTest(Issue4Test):
         self.assertEqual(reply.status, 200)
         self.assertEqual(reply.json(), {"users": [
             self.fig("alice", 100000, 0), self.fig("bob", 50000, 18)]})
-        reply = call(self.port, "GET", llmgate.USAGE_PATH + "?all=0")
-        self.assertEqual(reply.json(), self.fig("alice", 100000, 0))
+        for query in ("?all=0", "?all=False", "?all=FALSE", "?all="):
+            reply = call(self.port, "GET", llmgate.USAGE_PATH + query)
+            self.assertEqual(reply.json(), self.fig("alice", 100000, 0))
 
     def test_others_get_403(self):
         self.fix_clock()
