@@ -3042,6 +3042,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         splitter = EventSplitter()
         outcome = "error" if resp.status >= 400 else "done"
         broken = None
+
+        def ended():
+            # an error event ends the stream, but the Responses API's
+            # `error` may be followed by response.failed and its usage
+            return meter.error_event and ex.kind != "responses"
         try:
             while True:
                 data = resp.read1(RECV_BYTES)
@@ -3053,17 +3058,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 for event in splitter.feed(data):
                     if meter.event(event):
                         out.append(event)
-                    if meter.error_event:
-                        break   # an error event ends the stream
+                    if ended():
+                        break
                 if out:
                     self._write(frame(b"".join(out)))
-                if meter.error_event:
+                if ended():
                     # text streamed before an error is charged at least
                     # at its estimate: Anthropic's message_start reports
                     # an output of 1 whatever follows
                     outcome = "aborted" if meter.output_chars else "error"
                     break
-            if resp.length and not meter.error_event:
+            if resp.length and not ended():
                 broken = "The provider broke off the stream."  # cut short
         except socket.timeout:
             broken = "The provider sent nothing for %g s." % \
@@ -3074,10 +3079,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ClientGone()
         if broken is None:
             self._upstream_done(ex)
-        rest = b"" if meter.error_event else splitter.flush()
+        rest = b"" if ended() else splitter.flush()
         # a last event with no blank line after it is still metered: its
         # usage counts, and a usage chunk llmgate asked for stays hidden
         shown = rest and meter.event(rest)
+        if meter.error_event and outcome == "done":   # a Responses error
+            outcome = "aborted" if meter.output_chars and not \
+                meter.reported() else "error"
         if broken is None and shown:
             self._write(frame(rest))
         elif broken is not None:

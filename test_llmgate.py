@@ -1466,6 +1466,33 @@ class BillingTest(GatewayTest):
                 self.assertEqual(self.usage(), 29 * (i + 1))
                 self.assertEqual(self.reserved(), 0)
 
+    def test_a_responses_error_event_does_not_hide_what_follows(self):
+        # the Responses API may send `error`, then response.failed with
+        # its usage: both reach the client, and the usage is charged
+        def ev(kind, **fields):
+            return sse(dict(type=kind, **fields), kind)
+        events = [ev("response.created", response={"id": "r"}),
+                  ev("response.output_text.delta", delta="x" * 400),
+                  ev("error", code="server_error", message="boom"),
+                  ev("response.failed", response={
+                      "id": "r", "status": "failed",
+                      "usage": RESPONSES_USAGE})]
+        for tail, charged in ((events, RESPONSES_TOTAL),
+                              (events[:3], est_tokens("gpt-4o", "hi") +
+                               100)):
+            with self.subTest(events=len(tail)):
+                before = self.usage()
+                self.fake.mode = {"raw": [
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream"
+                    b"\r\nTransfer-Encoding: chunked\r\n\r\n"] +
+                    [b"%x\r\n%s\r\n" % (len(e), e) for e in tail] +
+                    [b"0\r\n\r\n"]}
+                reply = call(self.port, "POST", "/v1/responses",
+                             {"model": "gpt-4o", "input": "hi",
+                              "stream": True})
+                self.assertEqual(reply.body, b"".join(tail))
+                self.assertEqual(self.usage() - before, charged)
+
     def test_streamed_responses_without_final_usage_is_estimated(self):
         # no usage reported: the input estimate plus the streamed text
         self.fake.mode = {"no_usage": True}
