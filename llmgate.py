@@ -1679,23 +1679,38 @@ class EventSplitter:
         self.pending = bytearray()
 
     def feed(self, data):
-        buf = self.pending
-        # an event's end is at most 4 bytes: search from just before the
-        # bytes that are new
-        pos = max(0, len(buf) - 3)
-        buf += data
+        pending = self.pending
+        if pending:
+            # an event's end is at most 4 bytes: search from just before
+            # the bytes that are new
+            pos = max(0, len(pending) - 3)
+            pending += data
+            buf = pending
+        else:
+            pos, buf = 0, data   # the common case: no copy
         events = []
         start = 0
+        plain = b"\r" not in buf   # LF alone, as most providers send
         while True:
-            match = EVENT_END_RE.search(buf, pos)
-            if match is None:
-                break
-            events.append(bytes(buf[start:match.end()]))
-            start = pos = match.end()
-        del buf[:start]
-        if len(buf) > MAX_EVENT_BYTES:
-            events.append(bytes(buf))
-            del buf[:]
+            if plain:
+                end = buf.find(b"\n\n", pos)
+                if end < 0:
+                    break
+                end += 2
+            else:
+                match = EVENT_END_RE.search(buf, pos)
+                if match is None:
+                    break
+                end = match.end()
+            events.append(bytes(buf[start:end]))
+            start = pos = end
+        if buf is pending:
+            del pending[:start]
+        else:
+            pending += buf[start:]
+        if len(pending) > MAX_EVENT_BYTES:
+            events.append(bytes(pending))
+            del pending[:]
         return events
 
     def flush(self):

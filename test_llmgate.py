@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import select
 import shutil
@@ -4466,6 +4467,39 @@ class ReservationTest(Issue4Test):
         self.assertTrue(lines[-1].endswith(" aborted"), lines[-1])
         self.assertIn("error: unexpected failure on POST "
                       "/v1/chat/completions", self.logs.text())
+
+
+class EventSplitterTest(unittest.TestCase):
+
+    def test_events_cut_anywhere_come_out_whole(self):
+        # every line ending the SSE spec allows, the stream cut into
+        # random reads: the bytes come out unchanged and each event's
+        # data in a piece of its own
+        rng = random.Random(7)
+        for trial in range(300):
+            end = rng.choice([b"\n", b"\r\n", b"\r"])
+            events = [end.join([b"event: e%d" % i, b'data: {"i": %d}' % i])
+                      + end * 2 for i in range(rng.randint(1, 6))]
+            stream = b"".join(events)
+            splitter = llmgate.EventSplitter()
+            pieces, pos = [], 0
+            while pos < len(stream):
+                n = rng.randint(1, 9)
+                pieces += splitter.feed(stream[pos:pos + n])
+                pos += n
+            rest = splitter.flush()
+            self.assertEqual(b"".join(pieces) + rest, stream, trial)
+            self.assertEqual(len([p for p in pieces if b"data:" in p]),
+                             len(events), (trial, end))
+
+    def test_an_event_too_large_is_handed_on_unparsed(self):
+        splitter = llmgate.EventSplitter()
+        with mock.patch.object(llmgate, "MAX_EVENT_BYTES", 1000):
+            self.assertEqual(splitter.feed(b"data: " + b"x" * 600), [])
+            out = splitter.feed(b"x" * 600)
+        self.assertEqual(out, [b"data: " + b"x" * 1200])
+        self.assertEqual(splitter.feed(b"\n\ndata: 1\n\n"),
+                         [b"\n\n", b"data: 1\n\n"])
 
 
 # 2. Abandoned and broken streams #############################################
