@@ -106,7 +106,6 @@ MAX_CONNECTIONS = 4096         # client connections at once; more are closed
 LISTEN_BACKLOG = 1024          # accept queue, for bursts of new streams
 POOL_IDLE_MAX = 64             # idle provider connections kept per provider
 POOL_IDLE_TIMEOUT_S = 30.0     # idle provider connections older are closed
-POOL_FRESH_S = 1.0             # younger idle ones are reused unchecked
 STALE_RETRY_S = 0.1            # a reused connection that fails this soon
 #                                after the request went out was stale
 RECV_BYTES = 65536             # one socket read
@@ -182,19 +181,17 @@ DEPLOYMENT_RE = re.compile(r"^/openai/deployments/([^/]+)/")
 JSON_START_RE = re.compile(rb"\s*\{")
 MULTI_SLASH_RE = re.compile(r"/{2,}")
 DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
-THREE_DIGITS_RE = re.compile(r"[0-9]{3}\Z")   # a status code
+THREE_DIGITS_RE = re.compile(r"[1-9][0-9]{2}\Z")   # a status code
 # an ISO 8601 date, or date and time with optional fraction and zone
 EXPIRY_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[Tt ]([0-9]{2}):([0-9]{2})"
-    r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?)?"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[Tt ]([0-9]{2})(?::([0-9]{2})"
+    r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?)?)?"
     r"(Z|z|[+-][0-9]{2}(?::?[0-9]{2})?)?\Z")
 # the end of a server-sent event: a line ending, then an empty line; a CR
 # is one unless an LF follows it
 EVENT_END_RE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 # a chunk-size line: hex size, optional extensions, no bare CR or LF
 CHUNK_LINE_RE = re.compile(rb"[0-9A-Fa-f]{1,15}(?:[ \t]*;[^\r\n]*)?\Z")
-BOUNDARY_RE = re.compile(
-    r';\s*boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 
 
 # Errors ######################################################################
@@ -967,13 +964,6 @@ class Ledger:
         empty; a corrupt or unreadable one raises ConfigError."""
         if not self.state_path:
             return
-        folder = os.path.dirname(os.path.abspath(self.state_path))
-        if not os.path.isdir(folder):
-            raise ConfigError("the folder of state file %s does not exist"
-                              % self.state_path)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError("the folder of state file %s is not "
-                              "writable" % self.state_path)
         try:
             with open(self.state_path, "rb") as f:
                 raw = f.read()
@@ -988,6 +978,19 @@ class Ledger:
                 acct = Account(window)
                 acct.used = used
                 self.accounts[name] = acct
+
+    def check_folder(self):
+        """Raise ConfigError unless the state file's folder can be written:
+        every save would fail.  For a server, not for a reader."""
+        if not self.state_path:
+            return
+        folder = os.path.dirname(os.path.abspath(self.state_path))
+        if not os.path.isdir(folder):
+            raise ConfigError("the folder of state file %s does not exist"
+                              % self.state_path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("the folder of state file %s is not "
+                              "writable" % self.state_path)
 
     def snapshot(self):
         """The state file's document, as bytes.  Takes the lock."""
@@ -1266,11 +1269,19 @@ def multipart_field(body, content_type, name):
     twice is a 400 (llmgate and the provider could read different ones),
     and so is a part whose head cannot be read, a boundary found anywhere
     but as a delimiter, or a form of more than MAX_FORM_PARTS parts."""
-    match = BOUNDARY_RE.search(content_type)
-    if not match:
+    unsafe = Refusal("invalid_request", "The form's Content-Type cannot "
+                     "be read safely.")
+    try:
+        params = header_params(content_type)
+    except ValueError:
+        raise unsafe
+    boundaries = [v for k, v in params if k == "boundary"]
+    if len(boundaries) > 1 or any(k.startswith("boundary*")
+                                  for k, _ in params):
+        raise unsafe   # which one a provider takes is anyone's guess
+    if not boundaries or not boundaries[0]:
         return None
-    delimiter = b"\r\n--" + (match.group(1) or match.group(2)).encode(
-        "latin-1")
+    delimiter = b"\r\n--" + boundaries[0].encode("latin-1", "replace")
     # the first delimiter may open the body, without the CRLF before it
     if body.startswith(delimiter[2:]):
         pos, start = 0, len(delimiter) - 2
@@ -1313,16 +1324,72 @@ def multipart_field(body, content_type, name):
 
 
 def part_name(head):
-    """The `name` of a form part's Content-Disposition, as bytes."""
-    for line in head.split(b"\r\n"):
-        field, _, value = line.partition(b":")
-        if field.strip().lower() != b"content-disposition":
+    """The `name` of a form part's Content-Disposition, as bytes.  Raises
+    a 400 for a head that parsers could read differently: two
+    Content-Disposition lines or `name`s, a `name*`, bad quoting."""
+    unsafe = Refusal("invalid_request", "A part of the form has a "
+                     "Content-Disposition llmgate cannot read safely.")
+    names = None
+    for line in head.decode("latin-1").split("\r\n"):
+        field, _, value = line.partition(":")
+        if field.strip().lower() != "content-disposition":
             continue
-        for param in value.split(b";")[1:]:
-            key, _, text = param.strip().partition(b"=")
-            if key.lower() == b"name":
-                return text.strip().strip(b'"')
-    return None
+        if names is not None:
+            raise unsafe
+        try:
+            params = header_params(value)
+        except ValueError:
+            raise unsafe
+        names = [v for k, v in params if k == "name"]
+        if len(names) > 1 or any(k.startswith("name*") for k, _ in params):
+            raise unsafe
+    if not names or names[0] is None:
+        return None
+    return names[0].encode("latin-1")
+
+
+def header_params(value):
+    """The parameters of a header value such as `form-data; name="a;b"`
+    as (lower-case key, value or None) pairs, quoted strings read as
+    RFC 9110 section 5.6.4 has them.  Raises ValueError where it cannot
+    be read."""
+    params = []
+    i, n = value.find(";"), len(value)
+    while 0 <= i < n:   # at a ';'
+        j = i + 1
+        while j < n and value[j] not in "=;":
+            j += 1
+        key = value[i + 1:j].strip().lower()
+        text = None
+        if j < n and value[j] == "=":
+            j += 1
+            while j < n and value[j] in " \t":
+                j += 1
+            if j < n and value[j] == '"':
+                out = []
+                j += 1
+                while j < n and value[j] != '"':
+                    if value[j] == "\\":
+                        j += 1
+                    out.append(value[j:j + 1])
+                    j += 1
+                if j >= n:
+                    raise ValueError("a quoted string does not end")
+                text = "".join(out)
+                j += 1
+                while j < n and value[j] in " \t":
+                    j += 1
+                if j < n and value[j] != ";":
+                    raise ValueError("text after a quoted string")
+            else:
+                k = value.find(";", j)
+                k = n if k < 0 else k
+                text = value[j:k].strip()
+                j = k
+        if key:
+            params.append((key, text))
+        i = j
+    return params
 
 
 def encode_json(doc):
@@ -1606,10 +1673,10 @@ class ConnectionPool:
                 if not self.idle:
                     break
                 conn, since = self.idle.pop()
-            idle = now - since
-            if idle < POOL_IDLE_TIMEOUT_S and conn.sock is not None:
-                if idle < POOL_FRESH_S:
-                    return conn, True   # a stale one is retried anyway
+            if now - since < POOL_IDLE_TIMEOUT_S and conn.sock is not None:
+                # an idle connection has nothing to say: readable, it was
+                # closed by the provider, or holds bytes nobody asked for
+                # that would pass for the next answer
                 try:
                     readable = select.select([conn.sock], [], [], 0)[0]
                 except (OSError, ValueError):
@@ -1871,6 +1938,9 @@ def delta_chars(doc):
     return total
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def decoder_for(encoding):
     """An Inflater for a Content-Encoding, None for identity, or False for
     one the standard library cannot read."""
@@ -1893,22 +1963,27 @@ class Inflater:
     def __init__(self, gzip):
         self.gzip = gzip
         self.obj = None
-        self.start = b""   # deflate: bytes held until the wrapper shows
+        self.start = b""   # bytes held until the wrapper or magic shows
+        self.members = 0
+        self.done = False  # what follows the last member is not one
 
     def decompress(self, data, limit):
         """What `data` inflates to, at most `limit` bytes; the rest of an
         answer that inflates to more is dropped."""
         out = []
-        while data and limit > 0:
+        while data and limit > 0 and not self.done:
             if self.obj is None:
+                data = self.start + data
+                if len(data) < 2:
+                    self.start = data
+                    break
+                self.start = b""
                 if self.gzip:
+                    if self.members and not data.startswith(GZIP_MAGIC):
+                        self.done = True   # padding, say: gzip skips it
+                        break
                     wbits = 16 + zlib.MAX_WBITS
                 else:
-                    data = self.start + data
-                    if len(data) < 2:
-                        self.start = data
-                        break
-                    self.start = b""
                     cmf, flg = data[0], data[1]
                     wrapped = cmf & 0x0F == 8 and cmf >> 4 <= 7 and \
                         (cmf * 256 + flg) % 31 == 0
@@ -1921,6 +1996,7 @@ class Inflater:
             if self.obj.eof and self.gzip:
                 data = self.obj.unused_data   # the next member, if any
                 self.obj = None
+                self.members += 1
         return b"".join(out)
 
 
@@ -3211,6 +3287,7 @@ class Gateway:
     def start(self, host=None, port=None, poll_interval=0.5):
         """Bind and start serving on a thread; returns (host, port).
         `poll_interval` is how long stop() may wait for the accept loop."""
+        self.ledger.check_folder()
         self.ledger.load()
         self.ledger.start_writer()
         host = self.config.host if host is None else host
@@ -3353,7 +3430,9 @@ def serve(args):
         return 2
     if args.check:
         try:
-            Ledger(config.period, config.state_path).load()
+            ledger = Ledger(config.period, config.state_path)
+            ledger.check_folder()
+            ledger.load()
         except ConfigError as exc:
             print("llmgate: %s" % exc, file=sys.stderr)
             return 2

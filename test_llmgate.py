@@ -225,8 +225,9 @@ class FakeProvider:
       drop           this many requests get their connection closed
                      without a word of answer; later ones are answered
       raw            bytes written as the whole answer, in pieces when a
-                     list, each flushed; the connection is then kept if
-                     `raw_keep` is set, else closed
+                     list, each flushed (an Event in the list is waited
+                     on); the connection is then kept if `raw_keep` is
+                     set, else closed
       answer         a doc: answer 200 with it, whatever the path
       truncate       (declared, sent): a plain answer whose Content-Length
                      says `declared` bytes, cut off after `sent`
@@ -329,6 +330,9 @@ class FakeProvider:
         if "raw" in mode:
             pieces = mode["raw"]
             for piece in pieces if isinstance(pieces, list) else [pieces]:
+                if isinstance(piece, threading.Event):
+                    piece.wait(TIMEOUT)
+                    continue
                 h.wfile.write(piece)
                 h.wfile.flush()
             h.close_connection = not mode.get("raw_keep")
@@ -2605,7 +2609,7 @@ class HardeningTest(GatewayTest):
 
     def test_a_bad_status_line_is_a_502(self):
         for line in (b"HTTP/1.1 2x0 OK", b"HTTP/1.1 \xb2\xb2\xb2 OK",
-                     b"ICY 200 OK", b"HTTP/1.1 20 OK"):
+                     b"ICY 200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 099 Low"):
             with self.subTest(line=line):
                 self.fake.mode = {"raw": self.raw_answer(
                     [line, b"Content-Length: 2"], b"{}")}
@@ -2637,6 +2641,52 @@ class HardeningTest(GatewayTest):
         self.assertEqual(reply.status, 200)
         self.assertEqual(self.fake.count(), 5)
         self.assertEqual(self.usage(), 3 * CHAT_TOTAL)
+
+    def test_bytes_nobody_asked_for_never_pass_for_an_answer(self):
+        # after a whole answer, the provider sends another one unasked:
+        # the idle connection holds it, so it is dropped, not reused
+        body = json.dumps({"usage": CHAT_USAGE}).encode()
+        late = json.dumps({"leak": "not yours"}).encode()
+        answered, sent = threading.Event(), threading.Event()
+        self.fake.mode = {"raw": [
+            self.raw_answer([b"HTTP/1.1 200 OK",
+                             b"Content-Length: %d" % len(body)], body),
+            answered,   # the gateway has pooled the connection by then
+            self.raw_answer([b"HTTP/1.1 200 OK",
+                             b"Content-Length: %d" % len(late)], late)],
+            "raw_keep": True, "done": sent}
+        self.assertEqual(call(self.port, "POST", CHAT_PATH, CHAT).body, body)
+        answered.set()
+        self.assertTrue(sent.wait(TIMEOUT))   # the late answer is out
+        self.fake.mode = {}
+        reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assertEqual(reply.json().get("usage"), CHAT_USAGE)
+        self.assertNotEqual(self.fake.requests[0].peer,
+                            self.fake.requests[1].peer)
+
+    def test_gzip_padding_after_the_last_member_is_skipped(self):
+        # gzip tools pad with zeros; gzip.decompress skips them, and so
+        # must billing, plain or streamed
+        body = gzip.compress(json.dumps({"usage": CHAT_USAGE}).encode())
+        self.fake.mode = {"raw": self.raw_answer(
+            [b"HTTP/1.1 200 OK", b"Content-Type: application/json",
+             b"Content-Encoding: gzip",
+             b"Content-Length: %d" % (len(body) + 9)], body + b"\0" * 9)}
+        reply = call(self.port, "POST", CHAT_PATH, CHAT)
+        self.assertEqual(gzip.decompress(reply.body),
+                         json.dumps({"usage": CHAT_USAGE}).encode())
+        self.assertEqual(self.usage(), CHAT_TOTAL)
+        events = (sse({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
+                  + sse({"choices": [], "usage": CHAT_USAGE}))
+        data = gzip.compress(events) + b"\0" * 5
+        self.fake.mode = {"raw": self.raw_answer(
+            [b"HTTP/1.1 200 OK", b"Content-Type: text/event-stream",
+             b"Content-Encoding: gzip", b"Transfer-Encoding: chunked"],
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))}
+        reply = call(self.port, "POST", CHAT_PATH, dict(CHAT, stream=True))
+        self.assertEqual(reply.body, events.split(b"\n\n")[0] + b"\n\n")
+        self.assertEqual(self.usage(), 2 * CHAT_TOTAL)
+        self.assertNotIn("broke off", self.logs.text())
 
     def test_a_provider_that_closes_without_a_word_is_a_502(self):
         for data in (b"", b"HTTP/1.1 200 OK\r\nContent-Ty"):
@@ -4817,6 +4867,11 @@ class DurableTest(Issue4Test):
         self.assertEqual(result.stderr, "llmgate: the folder of state file "
                          "%s does not exist\n"
                          % os.path.join(self.dir, "gone", "usage.json"))
+        # reading usage writes nothing: no folder, no usage yet
+        result = run_script(["usage", "--config", path])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines()[1].split()[:3],
+                         ["alice", "100000", "0"])
 
     def test_sigterm_waits_for_a_stream_then_saves(self):
         path = self.write_config(self.durable_doc(), "sub.json")
@@ -5140,6 +5195,51 @@ class ControlsTest(Issue4Test):
         self.assert_never_forwarded()
         self.assertEqual(self.usage(), 0)
 
+    def test_a_form_parsers_could_read_two_ways_is_refused(self):
+        # quoted parameters hide a second name or boundary from a naive
+        # split on ";"; a name* or a doubled one is read differently by
+        # different parsers: none of them may pick the model for llmgate
+        self.alice(models=["allowed"])
+        cd = b"Content-Disposition: form-data; "
+        # read as a parser reads it, the first part is a note, not the
+        # model: the model is the second part's, and it is not allowed
+        body = (b"--B\r\n" + cd + b'x="; name=model"; name="note"\r\n\r\n'
+                b"allowed\r\n--B\r\n" + cd + b'name="model"\r\n\r\n'
+                b"forbidden\r\n--B--\r\n")
+        self.assert_refused(
+            self.upload(body, "multipart/form-data; boundary=B"),
+            "model_not_allowed", "You may not use the model forbidden "
+            "through this gateway.")
+        cases = [
+            (cd + b"name*=utf-8''model", "Content-Disposition"),
+            (cd + b'name="model"; name="note"', "Content-Disposition"),
+            (cd + b'name="model', "Content-Disposition"),
+            (cd + b'name="model"\r\n' + cd + b'name="note"',
+             "Content-Disposition")]
+        for head, what in cases:
+            with self.subTest(head=head):
+                body = (b"--B\r\n" + head + b"\r\n\r\nforbidden\r\n"
+                        b"--B--\r\n")
+                self.assert_refused(
+                    self.upload(body, "multipart/form-data; boundary=B"),
+                    "invalid_request", "A part of the form has a %s "
+                    "llmgate cannot read safely." % what)
+        body, _ = self.form([("model", b"allowed")], "BBB")
+        for ctype in ('multipart/form-data; x="; boundary=AAA"; '
+                      'boundary=BBB; boundary=AAA',
+                      "multipart/form-data; boundary*=utf-8''BBB",
+                      'multipart/form-data; boundary="BBB'):
+            with self.subTest(ctype=ctype):
+                self.assert_refused(
+                    self.upload(body, ctype), "invalid_request",
+                    "The form's Content-Type cannot be read safely.")
+        # a quoted ";" is just text, and the name after it counts
+        body, _ = self.form([("model", b"allowed")], "a;b")
+        self.assertEqual(self.upload(
+            body, 'multipart/form-data; x="y;z"; boundary="a;b"').status,
+            200)
+        self.assertEqual(self.fake.count(), 1)
+
     def test_a_limited_key_must_name_its_model_plainly(self):
         self.alice(models=["whisper-1"])
         unknown = ("Your key is limited to some models, and llmgate cannot "
@@ -5293,6 +5393,7 @@ class ControlsTest(Issue4Test):
                 ("2027-01-31", 1801353600),
                 ("2027-01-31T18:00:00.5Z", 1801418400.5),
                 ("2027-01-31T18:00", 1801418400),
+                ("2027-01-31T18", 1801418400),
                 ("2027-01-31 18:00:00+05:30", 1801418400 - 19800),
                 ("2027-01-31T18:00:00-0800", 1801418400 + 28800)):
             self.assertEqual(llmgate.parse_expiry(text, "x"), moment, text)
