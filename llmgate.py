@@ -1191,12 +1191,12 @@ def estimate(doc, path, config):
     cap = output_cap(doc)
     out = config.reserve_output if cap is None else cap
     # legacy completions generate best_of candidates, n of them shown
-    copies = [doc.get(k) for k in ("n", "best_of")]
-    copies = [c for c in copies if isinstance(c, int) and
-              not isinstance(c, bool) and c > 1]
-    if copies:
-        out *= max(copies)
-    return tokens_in, tokens_in + out
+    copies = 1
+    for key in ("n", "best_of"):
+        value = doc.get(key)
+        if type(value) is int and value > copies:   # a bool is no count
+            copies = value
+    return tokens_in, tokens_in + out * copies
 
 
 def is_generation(path):
