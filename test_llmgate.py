@@ -909,6 +909,30 @@ class GatewayTest(unittest.TestCase):
         """The request log lines once there are at least `count`."""
         return self.wait_log(lambda lines: len(lines) >= count)
 
+    def main_until_sigterm(self, argv):
+        """Run llmgate.main(argv) on a thread with signal handlers caught,
+        once it logs that it listens send it SIGTERM; its exit status."""
+        handlers = {}
+        installed = threading.Event()
+
+        def fake_signal(signum, handler):
+            handlers[signum] = handler
+            if signum == signal.SIGTERM:
+                installed.set()
+        done = []
+        with mock.patch.object(llmgate, "raise_fd_limit"), \
+                mock.patch("signal.signal", side_effect=fake_signal):
+            thread = threading.Thread(target=lambda: done.append(
+                llmgate.main(argv)), daemon=True)
+            thread.start()
+            self.assertTrue(installed.wait(TIMEOUT))
+            self.assertTrue(self.logs.wait(
+                lambda text: "listening on" in text))
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+            thread.join(TIMEOUT)
+        self.assertEqual(len(done), 1, "main did not return")
+        return done[0]
+
     def assert_clean_logs(self):
         text = self.logs.text()
         self.assertNotIn("Traceback", text)
@@ -4695,27 +4719,10 @@ class DurableTest(Issue4Test):
 
     def test_serve_exits_1_when_the_usage_could_not_be_saved(self):
         path = self.write_config(self.durable_doc())
-        handlers = {}
-        installed = threading.Event()
-
-        def fake_signal(signum, handler):
-            handlers[signum] = handler
-            if signum == signal.SIGTERM:
-                installed.set()
-        done = []
         with mock.patch.object(llmgate.Ledger, "stop",
-                               return_value="Read-only file system"), \
-                mock.patch.object(llmgate, "raise_fd_limit"), \
-                mock.patch("signal.signal", side_effect=fake_signal):
-            thread = threading.Thread(target=lambda: done.append(
-                llmgate.main(["--config", path, "--port", "0"])),
-                daemon=True)
-            thread.start()
-            self.assertTrue(installed.wait(TIMEOUT))
-            self.logs.wait(lambda text: "listening on" in text)
-            handlers[signal.SIGTERM](signal.SIGTERM, None)
-            thread.join(TIMEOUT)
-        self.assertEqual(done, [1])
+                               return_value="Read-only file system"):
+            code = self.main_until_sigterm(["--config", path, "--port", "0"])
+        self.assertEqual(code, 1)
         self.assertIn("error: usage not saved to %s: Read-only file system"
                       % os.path.join(self.dir, "usage.json"),
                       self.logs.text())
@@ -5514,27 +5521,12 @@ class KeysTest(Issue4Test):
                          "tokens": 1}]
         path = self.write_config(doc)
         os.chmod(path, 0o600)
-        handlers = {}
-        installed = threading.Event()
-
-        def fake_signal(signum, handler):
-            handlers[signum] = handler
-            if signum == signal.SIGTERM:
-                installed.set()
-        done = []
         # no socket is bound: start() is replaced by what it would return
         with mock.patch.object(llmgate.Gateway, "start",
-                               return_value=("0.0.0.0", 4321)) as start, \
-                mock.patch.object(llmgate, "raise_fd_limit"), \
-                mock.patch("signal.signal", side_effect=fake_signal):
-            thread = threading.Thread(target=lambda: done.append(
-                llmgate.main(["--config", path, "--host", "0.0.0.0",
-                              "--port", "0"])), daemon=True)
-            thread.start()
-            self.assertTrue(installed.wait(TIMEOUT))
-            handlers[signal.SIGTERM](signal.SIGTERM, None)
-            thread.join(TIMEOUT)
-        self.assertEqual(done, [0])
+                               return_value=("0.0.0.0", 4321)) as start:
+            code = self.main_until_sigterm(["--config", path, "--host",
+                                            "0.0.0.0", "--port", "0"])
+        self.assertEqual(code, 0)
         self.assertEqual(start.call_args[0], ("0.0.0.0", 0))
         self.assertIn("listening on http://0.0.0.0:4321", self.logs.text())
         self.assertIn("warning: listening on 0.0.0.0 without TLS: keys "
