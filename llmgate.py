@@ -591,8 +591,9 @@ def parse_expiry(value, where):
     return moment.timestamp() - offset
 
 
-def key_digest(key):
-    return hashlib.sha256(key.encode("utf-8")).digest()
+def key_digest(data):
+    """The SHA-256 by which a key is looked up, of the key's bytes."""
+    return hashlib.sha256(data).digest()
 
 
 def parse_provider(name, raw, where):
@@ -673,7 +674,7 @@ def parse_user(raw, where):
         if not isinstance(key, str) or len(key) < 8:
             raise ConfigError("%s must be a string of at least 8 characters"
                               % field)
-        user.digests.append((field, key_digest(key)))
+        user.digests.append((field, key_digest(key.encode("utf-8"))))
         user.plaintext_keys += 1
     for field, digest in hashes:
         if not isinstance(digest, str) or not HEX64_RE.match(digest):
@@ -773,17 +774,15 @@ def load_config(path, environ=None):
             raw = f.read()
     except OSError as exc:
         raise ConfigError("cannot read %s: %s" % (path, exc.strerror))
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
-    except RecursionError:
-        raise ConfigError("%s is nested too deeply" % path)
     base = os.path.dirname(os.path.abspath(path))
     try:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError("%s is not valid JSON: %s" % (path, exc))
         config = parse_config(data, base, os.environ if environ is None
                               else environ)
-    except RecursionError:
+    except RecursionError:   # reading or walking it
         raise ConfigError("%s is nested too deeply" % path)
     config.path = path
     return config
@@ -2698,7 +2697,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "api-key.")
         # a header value is latin-1 text of the bytes sent: a UTF-8 key
         # from the config hashes the same only as those bytes
-        digest = hashlib.sha256(key.encode("latin-1")).digest()
+        digest = key_digest(key.encode("latin-1"))
         user = config.by_digest.get(digest)
         confirmed = False
         for _, known in (user.digests if user is not None else ()):
@@ -3519,7 +3518,7 @@ def usage_table(args):
 
 def keygen(args):
     key = "lg-" + secrets.token_urlsafe(32)
-    digest = hashlib.sha256(key.encode()).hexdigest()
+    digest = key_digest(key.encode("utf-8")).hex()
     entry = {"name": args.name, "apiKeySha256": digest,
              "tokens": args.tokens}
     print("key (give it to %s; it is not stored anywhere):" % args.name)
